@@ -1,0 +1,131 @@
+"""The evaluation maths against values computed by hand (no models involved)."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import pytest
+
+from alp_agents.eval_metrics import (
+    avg_at_n,
+    bootstrap_ci,
+    default_report_ks,
+    majority_vote,
+    nanmean,
+    normalize_answer,
+    pass_at_k,
+    problem_maj_at_k,
+    problem_pass_at_k,
+)
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of all k-subsets of n samples (c of them correct) that contain a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_hand_computed():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(4, 1, 4) == 1.0
+    assert pass_at_k(8, 0, 8) == 0.0
+    assert pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)  # C(7,4)=35, C(10,4)=210
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 9])
+def test_pass_at_k_matches_enumeration_of_subsets(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_large_n_is_stable():
+    # C(1000, 500) overflows floats; the product form must not.
+    assert pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+    assert 0.0 < pass_at_k(1000, 1, 500) <= 1.0
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(4, 1, 5), (4, 1, 0), (0, 0, 1), (3, 4, 1), (3, -1, 1)])
+def test_pass_at_k_rejects_impossible_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_k_larger_than_n_error_names_both():
+    with pytest.raises(ValueError, match=r"pass@16.*n=8"):
+        pass_at_k(8, 2, 16)
+
+
+def test_unverifiable_is_neither_right_nor_wrong():
+    grades = ["correct", "unverifiable", "wrong", "unverifiable"]
+    assert avg_at_n(grades) == 0.5
+    # two verifiable samples, one correct: pass@2 = 1, pass@1 = 0.5, pass@3 undefined
+    assert problem_pass_at_k(grades, 1) == 0.5
+    assert problem_pass_at_k(grades, 2) == 1.0
+    assert math.isnan(problem_pass_at_k(grades, 3))
+    assert math.isnan(avg_at_n(["unverifiable", "unverifiable"]))
+    with pytest.raises(ValueError, match="unknown grade"):
+        avg_at_n(["correct", "right"])
+
+
+def test_normalize_answer_equivalences():
+    same = [
+        "1/2",
+        "0.5",
+        "\\frac{1}{2}",
+        "\\dfrac{1}{2}",
+        " 0.50 ",
+        "$\\frac12$".replace("12", "{1}{2}"),
+    ]
+    assert {normalize_answer(a) for a in same} == {"1/2"}
+    assert normalize_answer("1,000") == normalize_answer("1000") == "1000"
+    assert normalize_answer("18.0") == "18"
+    assert normalize_answer("\\$18.") == "18"
+    assert normalize_answer("-\\frac{3}{6}") == "-1/2"
+    assert normalize_answer("\\left( 3, \\frac{\\pi}{2} \\right)") == "(3,\\frac{\\pi}{2})"
+    assert normalize_answer("\\text{Monday}") == "Monday"
+    assert normalize_answer("") is None
+    assert normalize_answer(None) is None
+    assert normalize_answer("12") != normalize_answer("1/2")
+
+
+def test_majority_vote_counts_equivalent_answers_together_and_breaks_ties_by_order():
+    assert majority_vote(["3", "0.5", "1/2", "3", "\\frac{1}{2}"]) == (1, 3)
+    assert majority_vote(["7", "5", "5", "7"]) == (0, 2)  # tie -> first seen
+    assert majority_vote([None, "", None]) == (None, 0)
+    assert majority_vote([None, "4"]) == (1, 1)
+
+
+def test_maj_at_k_uses_first_k_samples_and_the_winner_grade():
+    answers = ["5", "7", "7", "5", "5"]
+    grades = ["correct", "wrong", "wrong", "correct", "correct"]
+    assert problem_maj_at_k(answers, grades, 1) == 1.0
+    assert problem_maj_at_k(answers, grades, 3) == 0.0  # 7 wins among the first three
+    assert problem_maj_at_k(answers, grades, 5) == 1.0
+    assert problem_maj_at_k([None, None], ["wrong", "wrong"], 2) == 0.0
+    assert math.isnan(problem_maj_at_k(["4", "4"], ["unverifiable", "unverifiable"], 2))
+    with pytest.raises(ValueError, match="maj@3"):
+        problem_maj_at_k(["1", "2"], ["wrong", "wrong"], 3)
+
+
+def test_bootstrap_ci_is_deterministic_given_a_seed_and_brackets_the_mean():
+    values = [1.0, 0.0, 0.0, 1.0, 1.0, 0.25, 0.75, 0.0, 1.0, 0.5]
+    a = bootstrap_ci(values, seed=3)
+    assert a == bootstrap_ci(values, seed=3)
+    assert a != bootstrap_ci(values, seed=4)
+    low, high = a
+    assert 0.0 <= low < nanmean(values) < high <= 1.0
+    wider = bootstrap_ci(values, confidence=0.99, seed=3)
+    assert wider[0] <= low and wider[1] >= high
+    assert bootstrap_ci([1.0, math.nan, 1.0]) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([0.5]))
+
+
+def test_default_report_ks():
+    assert default_report_ks(1) == [1]
+    assert default_report_ks(32) == [1, 2, 4, 8, 16, 32]
+    assert default_report_ks(6, k=3) == [1, 2, 3, 4, 6]
