@@ -235,3 +235,158 @@ def default_report_ks(n: int, k: int | None = None) -> list[int]:
     if k is not None:
         ks.add(k)
     return sorted(ks)
+
+
+# --------------------------------------------------------------------------------------------
+# from per-sample records to a report
+# --------------------------------------------------------------------------------------------
+def group_by_problem(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """Records grouped by ``problem_id`` (first-seen order), each group sorted by ``sample_index``."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(str(record["problem_id"]), []).append(record)
+    for group in groups.values():
+        group.sort(key=lambda r: r["sample_index"])
+    return groups
+
+
+def score_problem(samples: Sequence[dict], n: int, maj_ks: Sequence[int]) -> dict[str, float]:
+    """Every per-problem score: ``pass@1..pass@n``, ``avg@n`` and ``maj@k`` for each k in maj_ks.
+
+    ``samples`` are one problem's records (``grade`` and ``extracted_answer`` fields) in sample
+    order; exactly ``n`` are expected.
+    """
+    if len(samples) != n:
+        raise ValueError(
+            f"problem {samples[0]['problem_id'] if samples else '?'} has {len(samples)} samples, "
+            f"expected n={n}"
+        )
+    grades = [s["grade"] for s in samples]
+    answers = [s.get("extracted_answer") for s in samples]
+    scores = {f"pass@{j}": problem_pass_at_k(grades, j) for j in range(1, n + 1)}
+    scores[f"avg@{n}"] = avg_at_n(grades)
+    for j in maj_ks:
+        scores[f"maj@{j}"] = problem_maj_at_k(answers, grades, j)
+    return scores
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def episode_statistics(records: Sequence[dict]) -> dict[str, float]:
+    """Tool-use and termination statistics over all samples (episodes).
+
+    * ``turns_per_episode``, ``tool_calls_per_episode``, ``response_tokens_per_episode``: means;
+    * ``tool_use_rate``: fraction of episodes with at least one tool call;
+    * ``tool_error_rate``: failed tool calls / tool calls (NaN when there were none);
+    * ``void_turn_rate``: void turns (neither code nor answer) / turns;
+    * ``unverifiable_rate``: fraction of samples whose grade could not be decided;
+    * ``finish_reason/<reason>``: fraction of episodes that ended that way.
+    """
+    count = len(records)
+    if not count:
+        return {}
+    turns = sum(r.get("num_turns", 0) for r in records)
+    calls = sum(r.get("num_tool_calls", 0) for r in records)
+    stats = {
+        "turns_per_episode": turns / count,
+        "tool_calls_per_episode": calls / count,
+        "tool_use_rate": sum(r.get("num_tool_calls", 0) > 0 for r in records) / count,
+        "tool_error_rate": _ratio(sum(r.get("num_tool_errors", 0) for r in records), calls),
+        "void_turn_rate": _ratio(sum(r.get("num_void_turns", 0) for r in records), turns),
+        "response_tokens_per_episode": sum(r.get("response_tokens", 0) for r in records) / count,
+        "unverifiable_rate": sum(r["grade"] == UNVERIFIABLE for r in records) / count,
+    }
+    reasons: dict[str, int] = {}
+    for r in records:
+        reason = str(r.get("finish_reason") or "unknown")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason in sorted(reasons):
+        stats[f"finish_reason/{reason}"] = reasons[reason] / count
+    return stats
+
+
+def summarize(
+    records: Sequence[dict],
+    n: int,
+    k: int | None = None,
+    confidence: float = 0.95,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Aggregate per-sample records into the evaluation report (plain JSON-able values).
+
+    Returns a dict with
+
+    * ``metrics``: flat ``{name: float}``: ``pass@1..pass@n`` (unbiased), ``avg@n``, ``maj@j`` for
+      the reported ks, the `episode_statistics`, ``num_problems``, ``num_samples``,
+      ``num_unverifiable``;
+    * ``intervals``: ``{name: [low, high]}`` bootstrap intervals (over problems) for the reported
+      pass@j, ``avg@n`` and maj@j;
+    * ``scored_problems``: ``{name: count}``, how many problems each mean is over (a problem whose
+      samples are mostly unverifiable can drop out of pass@k for large k);
+    * ``breakdown``: ``{"source": {value: {...}}, "level": {value: {...}}}`` with the reported
+      metrics per group, for the fields the records carry.
+
+    ``k`` is the headline k (default n); it must not exceed n.
+    """
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is larger than the n={n} samples drawn per problem (need k <= n)")
+    ks = default_report_ks(n, k)
+    groups = group_by_problem(records)
+    per_problem = {pid: score_problem(samples, n, ks) for pid, samples in groups.items()}
+    names = [f"pass@{j}" for j in range(1, n + 1)] + [f"avg@{n}"] + [f"maj@{j}" for j in ks]
+    headline = [f"pass@{j}" for j in ks] + [f"avg@{n}"] + [f"maj@{j}" for j in ks]
+
+    metrics: dict[str, float] = {}
+    scored: dict[str, int] = {}
+    for name in names:
+        values = [scores[name] for scores in per_problem.values()]
+        metrics[name] = nanmean(values)
+        scored[name] = sum(not math.isnan(v) for v in values)
+    intervals = {
+        name: list(
+            bootstrap_ci(
+                [s[name] for s in per_problem.values()],
+                confidence=confidence,
+                num_resamples=num_resamples,
+                seed=seed,
+            )
+        )
+        for name in headline
+    }
+    metrics.update(episode_statistics(records))
+    metrics["num_problems"] = float(len(groups))
+    metrics["num_samples"] = float(len(records))
+    metrics["num_unverifiable"] = float(sum(r["grade"] == UNVERIFIABLE for r in records))
+
+    breakdown: dict[str, dict[str, dict[str, float]]] = {}
+    for field in ("source", "level"):
+        values_of = {pid: samples[0].get(field) for pid, samples in groups.items()}
+        if all(v is None for v in values_of.values()):
+            continue
+        table: dict[str, dict[str, float]] = {}
+        for value in sorted({str(v) for v in values_of.values()}, key=_natural_key):
+            members = [pid for pid, v in values_of.items() if str(v) == value]
+            row = {"num_problems": float(len(members))}
+            for name in headline:
+                row[name] = nanmean([per_problem[pid][name] for pid in members])
+            table[value] = row
+        breakdown[field] = table
+    return {
+        "n": n,
+        "k": k,
+        "report_ks": ks,
+        "confidence": confidence,
+        "metrics": metrics,
+        "intervals": intervals,
+        "scored_problems": scored,
+        "breakdown": breakdown,
+    }
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort "2" before "10" and numbers before words."""
+    return (0, float(text), "") if re.fullmatch(r"-?\d+(\.\d+)?", text) else (1, 0.0, text)

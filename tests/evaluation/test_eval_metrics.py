@@ -129,3 +129,65 @@ def test_default_report_ks():
     assert default_report_ks(1) == [1]
     assert default_report_ks(32) == [1, 2, 4, 8, 16, 32]
     assert default_report_ks(6, k=3) == [1, 2, 3, 4, 6]
+
+
+def _record(pid, i, grade, answer=None, source="s", level=None, **stats):
+    return {
+        "problem_id": pid,
+        "sample_index": i,
+        "grade": grade,
+        "extracted_answer": answer,
+        "source": source,
+        "level": level,
+        **stats,
+    }
+
+
+def test_summarize_hand_computed_report():
+    from alp_agents.eval_metrics import summarize
+
+    records = [
+        # problem a: 1 of 2 correct; problem b: 0 of 2; problem c: 1 verifiable, correct
+        _record("a", 1, "wrong", "3", source="gsm8k", level=1, num_turns=2, num_tool_calls=1),
+        _record("a", 0, "correct", "4", source="gsm8k", level=1, num_turns=1, num_tool_calls=1,
+                num_tool_errors=1, finish_reason="answer"),
+        _record("b", 0, "wrong", "5", source="gsm8k", level=2, num_turns=1, finish_reason="answer"),
+        _record("b", 1, "wrong", None, source="gsm8k", level=2, num_turns=1, num_void_turns=1,
+                finish_reason="void_turn"),
+        _record("c", 0, "unverifiable", "x", source="math", level=10, num_turns=1),
+        _record("c", 1, "correct", "x", source="math", level=10, num_turns=3, num_tool_calls=2),
+    ]  # fmt: skip
+    report = summarize(records, n=2, num_resamples=200)
+    m = report["metrics"]
+    assert report["report_ks"] == [1, 2]
+    assert m["pass@1"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert m["avg@2"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert m["pass@2"] == pytest.approx((1.0 + 0.0) / 2)  # c has one verifiable sample: dropped
+    assert report["scored_problems"]["pass@2"] == 2
+    assert m["maj@1"] == pytest.approx((1.0 + 0.0) / 2)  # c's first vote is unverifiable
+    assert m["maj@2"] == pytest.approx((1.0 + 0.0) / 2)  # a: tie 4 vs 3 -> sample 0 "4" wins
+    assert m["num_problems"] == 3 and m["num_samples"] == 6 and m["num_unverifiable"] == 1
+    assert m["unverifiable_rate"] == pytest.approx(1 / 6)
+    assert m["turns_per_episode"] == pytest.approx(9 / 6)
+    assert m["tool_calls_per_episode"] == pytest.approx(4 / 6)
+    assert m["tool_use_rate"] == pytest.approx(3 / 6)
+    assert m["tool_error_rate"] == pytest.approx(1 / 4)
+    assert m["void_turn_rate"] == pytest.approx(1 / 9)
+    assert m["finish_reason/answer"] == pytest.approx(2 / 6)
+    assert m["finish_reason/unknown"] == pytest.approx(3 / 6)
+    assert list(report["breakdown"]["level"]) == ["1", "2", "10"]
+    assert report["breakdown"]["source"]["gsm8k"]["pass@2"] == pytest.approx(0.5)
+    assert report["breakdown"]["source"]["math"]["avg@2"] == pytest.approx(1.0)
+    low, high = report["intervals"]["pass@1"]
+    assert low <= m["pass@1"] <= high
+    assert report == summarize(records, n=2, num_resamples=200)  # seeded: identical
+
+
+def test_summarize_rejects_k_above_n_and_missing_samples():
+    from alp_agents.eval_metrics import summarize
+
+    records = [_record("a", 0, "correct"), _record("a", 1, "wrong")]
+    with pytest.raises(ValueError, match=r"k=4 is larger than the n=2"):
+        summarize(records, n=2, k=4)
+    with pytest.raises(ValueError, match="has 2 samples, expected n=3"):
+        summarize(records, n=3)
