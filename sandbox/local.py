@@ -1,0 +1,470 @@
+"""LocalSandbox: a pool of warm fork servers on this host, plus notebook-like sessions.
+
+Example (runs on any Linux host; full isolation needs root):
+    >>> from sandbox import LocalSandbox, Limits
+    >>> with LocalSandbox(limits=Limits(timeout_s=2.0), workers=1) as sb:
+    ...     print(sb.run("print(6 * 7)").stdout, end="")
+    ...     with sb.session() as s:
+    ...         _ = s.run("x = 20")
+    ...         print(s.run("print(x + 1)").stdout, end="")
+    42
+    21
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from . import isolation, protocol
+from .limits import Limits
+from .result import ExecutionResult
+
+logger = logging.getLogger("sandbox")
+
+# The server's whole environment. Nothing from the caller's environment is passed on, so a
+# snippet cannot read the trainer's secrets (fork copies the raw environment block, so
+# scrubbing later inside the server would not be enough).
+SCRUBBED_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+STARTUP_TIMEOUT_S = 120.0
+# Extra seconds the host waits beyond a snippet's timeout before declaring the server hung.
+HOST_GRACE_S = 10.0
+
+
+class SandboxUnavailable(RuntimeError):
+    """Raised when no isolation is available and the caller did not opt in."""
+
+
+class _Worker:
+    """One warm server process and the lock that serialises requests to it."""
+
+    def __init__(self, server_command: list[str], index: int) -> None:
+        self.server_command = server_command
+        self.index = index
+        self.lock = threading.Lock()
+        self.sessions = 0
+        self.generation = 0  # bumped on every (re)start; sessions notice a restart
+        self.process: subprocess.Popen | None = None
+        self.isolation: isolation.IsolationReport | None = None
+        self.launcher_pid: int | None = None
+        self._log = None
+
+    # The caller holds self.lock for everything below.
+
+    def start(self) -> None:
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        self._log = tempfile.TemporaryFile(prefix="alp-sandbox-server-")  # noqa: SIM115
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(SCRUBBED_ENV, PYTHONPATH=package_parent)
+        command = [
+            *self.server_command,
+            "--request-fd",
+            str(request_r),
+            "--reply-fd",
+            str(reply_w),
+        ]
+        try:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                cwd="/",
+                pass_fds=(request_r, reply_w),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                start_new_session=True,
+            )
+        finally:
+            os.close(request_r)
+            os.close(reply_w)
+        self.request_w, self.reply_r = request_w, reply_r
+        hello = self._read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
+        if not hello or not hello.get("hello"):
+            log = self.log_tail()
+            self.stop()
+            raise RuntimeError(f"sandbox server failed to start; its log ends with:\n{log}")
+        self.launcher_pid = hello["launcher_pid"]
+        self.isolation = isolation.IsolationReport.from_dict(hello["isolation"])
+        self.generation += 1
+
+    def log_tail(self, n: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        with contextlib.suppress(OSError):
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace")[-n:]
+        return ""
+
+    def _read_reply(self, deadline: float) -> dict | None:
+        """One message from the server, or None if it died or missed the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([self.reply_r], [], [], remaining)
+        if not ready:
+            return None
+        try:
+            return protocol.read_message(self.reply_r)
+        except (protocol.ProtocolError, OSError):
+            return None
+
+    def request(self, message: dict, timeout_s: float) -> dict | None:
+        """Send and wait; on failure the server is killed and restarted and None returned."""
+        if self.process is None or self.process.poll() is not None:
+            self.restart()
+        try:
+            protocol.write_message(self.request_w, message)
+            reply = self._read_reply(time.monotonic() + timeout_s + HOST_GRACE_S)
+        except OSError:
+            reply = None
+        if reply is None or "server_error" in (reply or {}):
+            detail = (reply or {}).get("server_error") or self.log_tail(500)
+            logger.warning("sandbox worker %d failed (%s); restarting it", self.index, detail)
+            self.restart()
+            return None
+        return reply
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            protocol.write_message(self.request_w, {"op": "shutdown"})
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # The launcher removes the cgroups; if it was killed, do it here.
+        isolation.CgroupManager.remove_all(self.launcher_pid or process.pid)
+        for fd in (self.request_w, self.reply_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class LocalSandbox:
+    """Runs untrusted Python snippets in warm, isolated fork servers on this host.
+
+    Args:
+        limits: default Limits for every call (``Limits()`` if None).
+        workers: number of servers = snippets that run at once (default: CPU count).
+        allow_unisolated: run code even when the probe finds no isolation at all. Only for
+            trusted code on hosts without namespaces/root; a warning is logged on every start.
+        isolate: False skips the namespaces/uid/seccomp layers on purpose (implies the above).
+
+    ``isolation`` is the probed IsolationReport; ``isolation.level`` is full | partial | none.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        workers: int | None = None,
+        *,
+        allow_unisolated: bool = False,
+        isolate: bool = True,
+        hide_paths: Sequence[str] | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.n_workers = max(1, workers or os.cpu_count() or 1)
+        self.allow_unisolated = allow_unisolated or not isolate
+        command = [sys.executable, "-m", "sandbox.server"]
+        if not isolate:
+            command.append("--no-isolation")
+        hide = list(hide_paths) if hide_paths is not None else [os.getcwd()]
+        for path in hide:
+            command += ["--hide", os.path.abspath(path)]
+        self._workers = [_Worker(command, i) for i in range(self.n_workers)]
+        self._pool_lock = threading.Condition()
+        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
+        self._closed = False
+        self._rr = 0
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> LocalSandbox:
+        if self._started:
+            return self
+        if self._closed:
+            raise RuntimeError("this LocalSandbox was closed")
+        threads = [threading.Thread(target=self._start_worker, args=(w,)) for w in self._workers]
+        errors: list[BaseException] = []
+        self._start_errors = errors
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._started = True
+        if errors:
+            self.close()
+            raise errors[0]
+        report = self.isolation
+        logger.info("sandbox started: %d workers, %s", self.n_workers, report)
+        if report.level == "none":
+            message = (
+                "sandbox: NO ISOLATION is available on this host (no namespaces, no uid drop, "
+                "no seccomp); snippets run with the server's privileges. "
+            )
+            if not self.allow_unisolated:
+                self.close()
+                raise SandboxUnavailable(
+                    message + "Refusing to run untrusted code. Pass allow_unisolated=True only "
+                    "for trusted code, or use DockerSandbox."
+                )
+            warnings.warn(message + "Running anyway because allow_unisolated=True.", stacklevel=2)
+            logger.warning(message)
+        return self
+
+    def _start_worker(self, worker: _Worker) -> None:
+        try:
+            with worker.lock:
+                worker.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in start()
+            self._start_errors.append(exc)
+
+    def close(self) -> None:
+        """Stop every server (killing all snippets and sessions); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            with worker.lock:
+                worker.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def __enter__(self) -> LocalSandbox:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def isolation(self) -> isolation.IsolationReport:
+        """The isolation in force (the weakest of the workers')."""
+        self.start()
+        reports = [w.isolation for w in self._workers if w.isolation is not None]
+        order = {"none": 0, "partial": 1, "full": 2}
+        return min(reports, key=lambda r: order[r.level])
+
+    # -------------------------------------------------------------- pool
+
+    def _acquire(self, worker: _Worker | None = None) -> _Worker:
+        self.start()
+        if self._closed:
+            raise RuntimeError("this LocalSandbox was closed")
+        with self._pool_lock:
+            while True:
+                candidates = [worker] if worker else self._rotated()
+                for w in candidates:
+                    if w.lock.acquire(blocking=False):
+                        return w
+                self._pool_lock.wait(0.05)
+
+    def _rotated(self) -> list[_Worker]:
+        self._rr = (self._rr + 1) % len(self._workers)
+        return self._workers[self._rr :] + self._workers[: self._rr]
+
+    def _release(self, worker: _Worker) -> None:
+        worker.lock.release()
+        with self._pool_lock:
+            self._pool_lock.notify_all()
+
+    # -------------------------------------------------------------- running
+
+    def run(self, code: str, limits: Limits | None = None) -> ExecutionResult:
+        """Run ``code`` in a fresh isolated process; nothing survives the call."""
+        limits = limits or self.limits
+        worker = self._acquire()
+        start = time.monotonic()
+        try:
+            reply = worker.request(
+                {"op": "run", "code": code, "limits": limits.to_dict()}, limits.timeout_s
+            )
+        finally:
+            self._release(worker)
+        if reply is None:
+            return ExecutionResult.infrastructure_error(
+                "the sandbox server died or hung; it was restarted", time.monotonic() - start
+            )
+        return ExecutionResult.from_dict(reply)
+
+    def run_many(self, codes: Iterable[str], limits: Limits | None = None) -> list[ExecutionResult]:
+        """Run snippets concurrently (one per worker at a time); results keep input order."""
+        codes = list(codes)
+        if not codes:
+            return []
+        return list(self._pool().map(lambda c: self.run(c, limits), codes))
+
+    async def arun(self, code: str, limits: Limits | None = None) -> ExecutionResult:
+        """``run`` for asyncio code: the blocking wait happens on a worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), self.run, code, limits)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=max(4, 2 * self.n_workers), thread_name_prefix="sandbox"
+            )
+        return self._executor
+
+    def session(self, limits: Limits | None = None) -> Session:
+        """A notebook-like session: state persists across ``run`` calls until it is closed."""
+        return Session(self, limits or self.limits)
+
+
+class Session:
+    """Python state kept across calls, in one long-lived isolated kernel process.
+
+    If a call kills the kernel (timeout, memory, segfault, ``os._exit``), the next call starts
+    a fresh one and says so at the top of its stderr; ``restarts`` counts these.
+    """
+
+    RESTART_NOTE = "[sandbox] the previous call ended the session's process; its state was lost\n"
+
+    def __init__(self, sandbox: LocalSandbox, limits: Limits) -> None:
+        self.sandbox = sandbox
+        self.limits = limits
+        self.restarts = 0
+        self._worker: _Worker | None = None
+        self._kid: int | None = None
+        self._generation = 0
+        self._lost_state = False
+        self._closed = False
+
+    def __enter__(self) -> Session:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        sandbox = self.sandbox
+        sandbox.start()
+        with sandbox._pool_lock:
+            self._worker = min(sandbox._workers, key=lambda w: w.sessions)
+            self._worker.sessions += 1
+
+    def _open_kernel(self) -> bool:
+        reply = self._worker.request({"op": "open", "limits": self.limits.to_dict()}, 10.0)
+        if reply is None or "kid" not in reply:
+            return False
+        self._kid, self._generation = reply["kid"], self._worker.generation
+        return True
+
+    def run(self, code: str) -> ExecutionResult:
+        """Run ``code`` in this session's namespace (variables, imports and functions persist)."""
+        if self._closed:
+            raise RuntimeError("this session is closed")
+        if self._worker is None:
+            self.open()
+        worker = self.sandbox._acquire(self._worker)
+        start = time.monotonic()
+        try:
+            note = ""
+            if self._kid is not None and self._generation != worker.generation:
+                self._kid, self._lost_state = None, True  # the server was restarted
+            if self._kid is None:
+                if not self._open_kernel():
+                    return ExecutionResult.infrastructure_error(
+                        "could not start a session process", time.monotonic() - start
+                    )
+                if self._lost_state:
+                    note, self._lost_state = self.RESTART_NOTE, False
+                    self.restarts += 1
+            reply = worker.request(
+                {"op": "exec", "kid": self._kid, "code": code}, self.limits.timeout_s
+            )
+            if reply is not None and reply.get("dead"):
+                self._kid, self._lost_state = None, True
+                return self.run_locked_retry(code, worker, start)
+        finally:
+            self.sandbox._release(worker)
+        if reply is None:
+            self._kid, self._lost_state = None, True
+            return ExecutionResult.infrastructure_error(
+                "the sandbox server died or hung; it was restarted", time.monotonic() - start
+            )
+        if not reply.pop("alive", True):
+            self._kid, self._lost_state = None, True
+        result = ExecutionResult.from_dict(reply)
+        if note:
+            result = ExecutionResult(**{**result.to_dict(), "stderr": note + result.stderr})
+        return result
+
+    def run_locked_retry(self, code, worker, start) -> ExecutionResult:
+        """The kernel was found dead before running: start a new one and run once more."""
+        if not self._open_kernel():
+            return ExecutionResult.infrastructure_error(
+                "could not start a session process", time.monotonic() - start
+            )
+        self._lost_state = False
+        self.restarts += 1
+        reply = worker.request(
+            {"op": "exec", "kid": self._kid, "code": code}, self.limits.timeout_s
+        )
+        if reply is None or reply.get("dead"):
+            self._kid = None
+            return ExecutionResult.infrastructure_error(
+                "the session process died before running", time.monotonic() - start
+            )
+        if not reply.pop("alive", True):
+            self._kid, self._lost_state = None, True
+        result = ExecutionResult.from_dict(reply)
+        return ExecutionResult(**{**result.to_dict(), "stderr": self.RESTART_NOTE + result.stderr})
+
+    def close(self) -> None:
+        """Kill the session's process and everything it started."""
+        if self._closed:
+            return
+        self._closed = True
+        worker = self._worker
+        if worker is None:
+            return
+        if self._kid is not None and not self.sandbox._closed:
+            acquired = self.sandbox._acquire(worker)
+            try:
+                if self._generation == worker.generation:
+                    worker.request({"op": "close", "kid": self._kid}, 5.0)
+            finally:
+                self.sandbox._release(acquired)
+        with self.sandbox._pool_lock:
+            worker.sessions -= 1
