@@ -512,9 +512,14 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
     _check_k(cfg.k, n)
     if cfg.limit is not None and cfg.limit < 1:
         raise EvaluationError(f"limit must be a positive number of problems, got {cfg.limit}")
-    problems = _load_problems(cfg)
+    if cfg.engine not in ("auto", "hf", "vllm"):
+        raise EvaluationError(f"engine must be one of auto, hf, vllm; got {cfg.engine!r}")
     _check_env(cfg.env)
+    problems = _load_problems(cfg)
+    cfg = dataclasses.replace(cfg, model=resolve_checkpoint(cfg.model))
     _check_model(cfg.model)
+    if cfg.train_dataset is None:
+        cfg = dataclasses.replace(cfg, **_training_set_of(cfg.model))
     _contamination_guard(cfg, problems)
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
@@ -622,21 +627,73 @@ def _check_env(env_id: str) -> None:
         )
 
 
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def resolve_checkpoint(model: str) -> str:
+    """Accept the folders a training run writes, not only the innermost model folder.
+
+    A folder with weights is used as is; a training checkpoint (``checkpoints/step_N``) means its
+    ``model/`` export; a run folder means its ``final/`` export, else its latest checkpoint.
+    Names that are not local folders (embedded names, Hub ids) are returned unchanged.
+    """
+    local = Path(model).expanduser()
+    if not local.is_dir() or _has_weights(local):
+        return model
+    candidates = [local / "model", local / "final"]
+    candidates += sorted(local.glob("checkpoints/step_*/model"), reverse=True)
+    for candidate in candidates:
+        if candidate.is_dir() and _has_weights(candidate):
+            _say(f"{local} has no weights of its own; evaluating {candidate}")
+            return str(candidate)
+    return model
+
+
 def _check_model(model: str) -> None:
     """Refuse a local folder without weights before anything is loaded."""
     from alp_agents.models import UnknownModelError, resolve_model_path
 
     local = Path(model).expanduser()
-    if local.is_dir() and not any(any(local.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if local.is_dir() and not _has_weights(local):
         raise EvaluationError(
-            f"{local} holds no model weights (looked for {', '.join(WEIGHT_PATTERNS)}). "
-            "Point --model at a checkpoint folder written by save_pretrained (e.g. "
-            "runs/<run>/checkpoints/step-N/model), an embedded name or a Hub id."
+            f"{local} holds no model weights (looked for {', '.join(WEIGHT_PATTERNS)} here and "
+            "in its model/, final/ and checkpoints/step_*/model/ folders). Point --model at a "
+            "folder written by save_pretrained, a training run or checkpoint folder, an "
+            "embedded name or a Hub id."
         )
     try:
         resolve_model_path(model)
     except UnknownModelError as exc:
         raise EvaluationError(str(exc)) from exc
+
+
+def _training_set_of(model: str) -> dict[str, Any]:
+    """The training set recorded next to a trained checkpoint (the run's ``config.yaml``).
+
+    Looks in the model folder and up to three parents for a config with ``env.dataset`` and
+    ``env.train_split`` (the trainer's layout); returns EvalConfig fields, or {} if none.
+    """
+    import yaml
+
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        return {}
+    for folder in [local.resolve(), *list(local.resolve().parents)[:3]]:
+        path = folder / "config.yaml"
+        if not path.is_file():
+            continue
+        try:
+            env = (yaml.safe_load(path.read_text()) or {}).get("env") or {}
+        except (yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(env, dict) and env.get("dataset"):
+            _say(
+                f"contamination guard: training set {env['dataset']!r} "
+                f"(split {env.get('train_split')!r}) from {path}"
+            )
+            return {"train_dataset": env["dataset"], "train_split": env.get("train_split")}
+    return {}
 
 
 def _contamination_guard(cfg: EvalConfig, problems: list[Any]) -> list[Any]:
@@ -667,28 +724,27 @@ def _env_kwargs(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _make_engine(cfg: EvalConfig) -> tuple[Any, Any]:
-    from alp_agents.engines import HFEngine
-    from alp_agents.models import load_model, load_tokenizer
+    """HFEngine on CPU; VLLMEngine when asked for, or for ``auto`` when CUDA and vllm exist."""
+    from alp_agents.engines import HFEngine, VLLMEngine, vllm_unavailable_reason
+    from alp_agents.models import load_tokenizer
 
     choice = cfg.engine
+    if choice not in ("auto", "hf", "vllm"):
+        raise EvaluationError(f"engine must be one of auto, hf, vllm; got {cfg.engine!r}")
     if choice == "auto":
-        choice = "vllm" if _vllm_usable() else "hf"
+        import torch
+
+        choice = "vllm" if torch.cuda.is_available() and not vllm_unavailable_reason() else "hf"
     tokenizer = load_tokenizer(cfg.model)
-    if choice == "hf":
-        return HFEngine(load_model(cfg.model), tokenizer, dtype=cfg.dtype), tokenizer
     if choice == "vllm":
-        from alp_agents.engines import VLLMEngine
-
-        return VLLMEngine(cfg.model, dtype=cfg.dtype), tokenizer
-    raise EvaluationError(f"engine must be one of auto, hf, vllm; got {cfg.engine!r}")
-
-
-def _vllm_usable() -> bool:
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise EvaluationError(f"--engine vllm: {reason}")
+        engine = VLLMEngine(cfg.model, tokenizer, dtype=cfg.dtype, seed=cfg.seed)
+    else:
+        engine = HFEngine(cfg.model, tokenizer, dtype=cfg.dtype, max_batch_size=cfg.batch_size)
+    _say(f"engine: {type(engine).__name__} ({cfg.dtype}) for {cfg.model}")
+    return engine, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
