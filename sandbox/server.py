@@ -128,6 +128,9 @@ class Server:
         self.kernels: dict[int, Kernel] = {}
         self.slot_cgroups: dict[int, isolation.SlotCgroups] = {}
         self.next_kid = 1
+        self.spare: Kernel | None = None
+        self.spare_limits: Limits | None = None
+        self.after_reply: list[Kernel] = []
 
     # -------------------------------------------------------------- kernels
 
@@ -344,13 +347,12 @@ class Server:
             return {"ok": True, "kernels": len(self.kernels)}
         limits = Limits.from_dict(request["limits"]) if "limits" in request else Limits()
         if op == "run":
-            kernel = self.spawn(limits)
+            kernel = self._fresh_kernel(limits)
             result = self.execute(kernel, request["code"], limits, "<snippet>")
-            if kernel.kid in self.kernels:
-                self.kill(kernel)
+            self.after_reply.append(kernel)  # killed once the host has its answer
             return result
         if op == "open":
-            kernel = self.spawn(limits)
+            kernel = self._fresh_kernel(limits)
             return {"kid": kernel.kid}
         if op == "exec":
             kernel = self.kernels.get(request["kid"])
@@ -370,6 +372,30 @@ class Server:
                 self.kill(kernel)
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
+
+    def _fresh_kernel(self, limits: Limits) -> Kernel:
+        """The pre-forked spare kernel if it matches ``limits``, else a new one.
+
+        Forking and locking down a kernel (cgroup migration especially) costs several ms; doing
+        it for the NEXT call right after replying takes it off the round trip.
+        """
+        spare, self.spare = self.spare, None
+        self.spare_limits = limits
+        if spare is not None:
+            if spare.limits == limits and self._alive(spare):
+                return spare
+            self.kill(spare)
+        return self.spawn(limits)
+
+    def tidy(self) -> None:
+        """Work done after the reply is sent: kill finished kernels, fork the next spare."""
+        while self.after_reply:
+            kernel = self.after_reply.pop()
+            if kernel.kid in self.kernels:
+                self.kill(kernel)
+        self.reap_orphans()
+        if self.spare is None and self.spare_limits is not None and self.free_slots:
+            self.spare = self.spawn(self.spare_limits)
 
     def probe(self) -> None:
         """Run a real kernel; drop the layers that do not work end to end."""
@@ -398,6 +424,7 @@ class Server:
                 self.report.private_tmp = False
 
     def shutdown(self) -> None:
+        self.spare = None
         for kernel in list(self.kernels.values()):
             self.kill(kernel)
         for cgroups in self.slot_cgroups.values():
@@ -415,8 +442,11 @@ class Server:
                 reply = self.handle(request)
             except Exception as exc:  # our bug or bad request: report, keep serving
                 reply = {"server_error": f"{type(exc).__name__}: {exc}"}
-            self.reap_orphans()
             protocol.write_message(reply_fd, reply)
+            try:
+                self.tidy()
+            except Exception as exc:  # never leave the host without a server
+                print(f"sandbox server: tidy failed: {exc!r}", file=sys.stderr)
 
 
 def _read_some(fd: int) -> bytes | None:
