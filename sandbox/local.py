@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from . import isolation, protocol
+from . import audit, isolation, protocol
 from .limits import Limits
 from .result import ExecutionResult
 
@@ -183,7 +183,10 @@ class LocalSandbox:
         workers: number of servers = snippets that run at once (default: CPU count).
         allow_unisolated: run code even when the probe finds no isolation at all. Only for
             trusted code on hosts without namespaces/root; a warning is logged on every start.
-        isolate: False skips the namespaces/uid/seccomp layers on purpose (implies the above).
+        isolate: False skips the namespaces/uid/seccomp layers on purpose (for trusted code;
+            still needs ``allow_unisolated=True``).
+        hide_paths: directories hidden from snippets besides /root and /home (default: the
+            current working directory; the Python installation inside stays visible).
 
     ``isolation`` is the probed IsolationReport; ``isolation.level`` is full | partial | none.
     """
@@ -199,7 +202,7 @@ class LocalSandbox:
     ) -> None:
         self.limits = limits or Limits()
         self.n_workers = max(1, workers or os.cpu_count() or 1)
-        self.allow_unisolated = allow_unisolated or not isolate
+        self.allow_unisolated = allow_unisolated
         command = [sys.executable, "-m", "sandbox.server"]
         if not isolate:
             command.append("--no-isolation")
@@ -283,6 +286,33 @@ class LocalSandbox:
         reports = [w.isolation for w in self._workers if w.isolation is not None]
         order = {"none": 0, "partial": 1, "full": 2}
         return min(reports, key=lambda r: order[r.level])
+
+    @property
+    def launcher_pids(self) -> list[int]:
+        """Host pids of the servers' launchers (they name the slot uids and cgroups)."""
+        return [w.launcher_pid for w in self._workers if w.launcher_pid]
+
+    def audit(self) -> dict:
+        """What is alive now: the kernels each server tracks (spares, sessions) and every
+        host process under one of this sandbox's slot uids. ``stray_processes`` lists those
+        that belong to no tracked kernel, or more than one process per idle kernel (a
+        snippet that left something behind); it should always be empty between calls."""
+        kernel_uids: list[int] = []
+        for worker in self._workers:
+            acquired = self._acquire(worker)
+            try:
+                reply = worker.request({"op": "ping"}, 5.0) or {}
+            finally:
+                self._release(acquired)
+            kernel_uids += reply.get("kernel_uids", [])
+        processes = audit.processes_of_servers(self.launcher_pids)
+        seen: set[int] = set()
+        stray = []
+        for pid, uid in processes:
+            if uid not in kernel_uids or uid in seen:
+                stray.append((pid, uid))
+            seen.add(uid)
+        return {"kernel_uids": kernel_uids, "processes": processes, "stray_processes": stray}
 
     # -------------------------------------------------------------- pool
 

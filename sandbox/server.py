@@ -344,7 +344,10 @@ class Server:
     def handle(self, request: dict) -> dict:
         op = request.get("op")
         if op == "ping":
-            return {"ok": True, "kernels": len(self.kernels)}
+            return {
+                "ok": True,
+                "kernel_uids": sorted(k.uid for k in self.kernels.values() if k.uid),
+            }
         limits = Limits.from_dict(request["limits"]) if "limits" in request else Limits()
         if op == "run":
             kernel = self._fresh_kernel(limits)
