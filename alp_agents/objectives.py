@@ -165,7 +165,9 @@ class PolicyLossConfig:
         return (1.0 - self.eps_low, 1.0 + self.eps_high)
 
     @classmethod
-    def preset(cls, name: str, setting: str = "multi_turn", **overrides: Any) -> PolicyLossConfig:
+    def preset(
+        cls, name: str, /, setting: str = "multi_turn", **overrides: Any
+    ) -> PolicyLossConfig:
         """A named method's configuration (values from ALP_SPEC), then ``overrides``.
 
         Args:
