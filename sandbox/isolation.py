@@ -25,6 +25,7 @@ import errno
 import os
 import resource
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 
 CLONE_NEWNS = 0x00020000
@@ -295,9 +296,13 @@ class SlotCgroups:
     def configure(self, memory_mb: int, max_processes: int) -> None:
         if self.memory_dir:
             limit = str(memory_mb * 1024 * 1024)
+            # memory+swap must stay >= memory: raise it first, set memory, then lower it.
+            memsw = f"{self.memory_dir}/memory.memsw.limit_in_bytes"
+            with contextlib.suppress(OSError):
+                _write(memsw, "-1")
             _write(f"{self.memory_dir}/memory.limit_in_bytes", limit)
-            with contextlib.suppress(OSError):  # no swap accounting: fine, there is no swap
-                _write(f"{self.memory_dir}/memory.memsw.limit_in_bytes", limit)
+            with contextlib.suppress(OSError):  # no swap accounting: fine
+                _write(memsw, limit)
         if self.pids_dir:
             _write(f"{self.pids_dir}/pids.max", str(max_processes))
 
@@ -377,21 +382,36 @@ class CgroupManager:
         return SlotCgroups(dirs.get("memory"), dirs.get("pids"))
 
     @classmethod
-    def remove_all(cls, launcher_pid: int) -> None:
-        """Remove every cgroup this launcher created (used when its server is gone)."""
-        for controller in ("memory", "pids"):
-            base = _own_cgroup_dir(controller)
-            if not base or not os.path.isdir(base):
-                continue
-            for name in os.listdir(base):
-                if name.startswith(f"{cls.PREFIX}{launcher_pid}-"):
+    def remove_all(cls, launcher_pid: int, wait_s: float = 3.0) -> bool:
+        """Kill what is left in this launcher's cgroups and remove them (used when its server
+        is gone; dying processes keep a cgroup busy for a moment, hence the retries).
+        Returns True when none is left."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            remaining = 0
+            for controller in ("memory", "pids"):
+                base = _own_cgroup_dir(controller)
+                if not base or not os.path.isdir(base):
+                    continue
+                for name in os.listdir(base):
+                    if not name.startswith(f"{cls.PREFIX}{launcher_pid}-"):
+                        continue
                     path = f"{base}/{name}"
                     with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
                         for pid in f.read().split():
                             with contextlib.suppress(OSError):
                                 os.kill(int(pid), signal.SIGKILL)
-                    with contextlib.suppress(OSError):
+                    try:
                         os.rmdir(path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        remaining += 1
+            if remaining == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def leftover_cgroups() -> list[str]:
