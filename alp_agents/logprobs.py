@@ -23,7 +23,7 @@ __all__ = ["token_logprobs", "logprobs_from_logits"]
 def _chunk_stats(
     logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    z = logits.float()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 (float64 stays)
     if inv_temperature != 1.0:
         z = z * inv_temperature
     lse = torch.logsumexp(z, dim=-1)
@@ -61,7 +61,10 @@ def logprobs_from_logits(
     pred = logits[:, :-1]
     targets = input_ids[:, 1:]
     use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    lps, ents = [logits.new_zeros(bsz, 1, dtype=torch.float32)], []
+    lps, ents = (
+        [logits.new_zeros(bsz, 1, dtype=torch.promote_types(logits.dtype, torch.float32))],
+        [],
+    )
     ents.append(lps[0])
     for start in range(0, max(length - 1, 0), chunk_size):
         sl = slice(start, start + chunk_size)

@@ -188,7 +188,8 @@ class _AddSeededNoise(torch.autograd.Function):
         ctx.source, ctx.seed, ctx.layer_id, ctx.in_dtype = source, seed, layer_id, h.dtype
         ctx.on_backward = on_backward
         ctx.save_for_backward(sigma)
-        return torch.add(h.to(torch.float32), eps.mul_(sigma)).to(out_dtype)
+        compute = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 models
+        return torch.add(h.to(compute), eps.mul_(sigma).to(compute)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -198,8 +199,9 @@ class _AddSeededNoise(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             eps = ctx.source.draw(ctx.seed, ctx.layer_id, grad.shape, grad.device)
-            g = grad if grad.dtype == torch.float32 else grad.float()
-            grad_s = (torch.dot(g.reshape(-1), eps.reshape(-1)) * sigma).reshape(())
+            compute = torch.promote_types(grad.dtype, torch.float32)
+            g = grad.to(compute).reshape(-1)
+            grad_s = (torch.dot(g, eps.reshape(-1).to(compute)) * sigma).reshape(()).to(sigma.dtype)
         return grad_h, grad_s, None, None, None, None, None
 
 
@@ -345,7 +347,7 @@ class LayerwisePerturbation:
             out_dtype,
             lambda: self._pending.pop(key, None),
         )
-        if out_dtype != torch.float32 and self._seed is not None:
+        if out_dtype in (torch.float16, torch.bfloat16) and self._seed is not None:
             with torch.no_grad():
                 self._realised[layer_id] = (out.float() - h.float()).pow(2).mean().sqrt()
         return out
