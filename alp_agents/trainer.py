@@ -1,0 +1,1362 @@
+"""ALPTrainer: the on-line RL loop (rollout -> grade -> advantage -> K updates -> sync -> log).
+
+One training step, as the issue and ALP_SPEC.md (sections 2-5) describe it:
+
+1. sample ``prompts_per_step`` problems from a seeded sampler (its position is checkpointed);
+2. run ``group_size`` episodes per problem with the inference engine (the environment grades);
+3. drop infrastructure failures (counted), compute GRPO advantages over each group (void-turn
+   trajectories count in the group statistics, but are masked out of the loss by default);
+4. if the preset needs it, recompute pi_old (no perturbation); if ``kl_coef > 0`` compute the
+   reference log-probs;
+5. split the batch into K mini-batches and take one optimiser step per mini-batch (the later
+   mini-batches are genuinely stale); each mini-batch is run as micro-batches with gradient
+   accumulation; the layerwise perturbation is ON only in this forward (ratio numerator);
+6. sync the new weights into the engine (never sigma), log every metric of ALP_SPEC section 4,
+   evaluate on held-out problems every N steps, checkpoint every N steps.
+
+Everything is configured by :class:`TrainConfig` (nested dataclasses, YAML + command line via
+``alp_agents.config``). The same code runs on one CPU, one GPU or many processes under
+``accelerate launch`` (each process rolls out its own shard of the problems; gradients are
+all-reduced by DDP).
+
+Example (tiny random model, seconds)::
+
+    from alp_agents.trainer import ALPTrainer, TrainConfig
+    cfg = TrainConfig()
+    cfg.model.name = "tiny-llama"
+    cfg.steps = 2
+    cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_tokens = 2, 2, 16
+    cfg.eval.num_problems = 0
+    result = ALPTrainer(cfg).train()
+    print(result.run_dir, result.final_metrics["reward/mean"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alp_agents import checkpoint as ckpt
+
+PRESETS = ("alp", "bypass", "grpo", "gspo", "tis", "mis")
+ENGINES = ("hf", "vllm")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TINY_MODEL_PREFIX = "tiny-"
+TRAJECTORY_SAMPLES_FILE = (
+    "trajectories.jsonl"  # "tiny-llama", "tiny-qwen2": random tiny models for tests
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The policy being trained."""
+
+    name: str = "smollm2-135m-instruct"  # embedded name, local folder, Hub id, or "tiny-<arch>"
+    dtype: str = "float32"  # master weights
+    autocast: str = "bf16"  # "bf16" (AMX/tensor cores) or "none"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EnvConfig:
+    """Which environment and problems the agent trains and is evaluated on."""
+
+    id: str = "alp/PythonTool-v0"
+    dataset: str = "arith"
+    train_split: str | None = "train"  # None for a JSONL file (it is its own split)
+    eval_split: str | None = "test"
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {n: 500} for generators
+    max_turns: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are sampled."""
+
+    engine: str = "hf"  # "hf" (transformers, CPU default) or "vllm"
+    engine_dtype: str = "bfloat16"  # the engine's own weight copy (a real mismatch vs fp32)
+    prompts_per_step: int = 8
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128  # per assistant turn
+    mask_void_turns: bool = True  # void-turn trajectories get loss mask 0 ...
+    void_in_group_stats: bool = True  # ... but their reward still counts for the group baseline
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. vLLM gpu_memory_utilization
+
+
+@dataclass
+class AlgorithmConfig:
+    """Objective (a preset of alp_agents.objectives) and how each rollout batch is consumed."""
+
+    preset: str = "alp"  # alp | bypass | grpo | gspo | tis | mis
+    setting: str = "multi_turn"  # multi_turn | single_turn (preset defaults: dual clip c, KL)
+    loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
+    mini_batches: int = 4  # K optimiser steps per rollout batch (staleness)
+    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation)
+    shuffle: bool = True  # shuffle trajectories before splitting into mini-batches
+    advantage_eps: float = 1e-6
+
+
+@dataclass
+class PerturbationConfig:
+    """Layerwise perturbation (only used by presets that perturb, i.e. ``alp``)."""
+
+    sigma_init: float = 1e-6  # multi-turn release; single-turn release uses 0.02
+    sigma_lr: float = 5e-4
+    learnable: bool = True
+    weight_decay: float = 0.0  # the release applies its global 0.01
+    layers: str | None = None  # decoder layers "start:end" (e.g. "0:6"); None = all layers
+    target: str = "hidden"  # "hidden" (residual stream) or "logits"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the model (and sigma in its own group), clipping and the LR schedule."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    fused: bool = True  # fused AdamW: ~4.5x faster optimiser step on CPU (PERF_NOTES)
+    lr_schedule: str = "constant"  # constant | linear | cosine (over optimiser steps)
+    warmup_steps: int = 0  # optimiser steps of linear warm-up
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # default: runs/<name>-<YYYYmmdd-HHMMSS>
+    name: str = "train"
+    progress: bool = True
+    tensorboard: bool = True
+    trajectory_samples_every: int = 1  # steps between saved trajectory samples (0: never)
+    trajectory_samples: int = 8  # trajectories saved each time (-1: all)
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only at the end / on Ctrl-C)
+    keep_last: int = 2
+    export: bool = True  # plain from_pretrained export in run_dir/final at the end
+    on_interrupt: bool = True  # Ctrl-C saves a checkpoint before exiting
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (alp_agents.evaluation), before/after training and every N steps."""
+
+    num_problems: int = 64  # first N problems of env.eval_split (0: no evaluation)
+    k: int = 1  # samples per problem
+    temperature: float = 0.0  # 0 = greedy: lowest-variance before/after comparison
+    top_p: float = 1.0
+    max_tokens: int | None = None  # default: rollout.max_tokens
+    every: int = 0  # steps between evaluations during training (0: only before/after)
+    before: bool = True
+    after: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is settable from YAML or the command line."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steps: int = 10
+    seed: int = 0
+    max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped updates
+
+
+class TrainConfigError(ValueError):
+    """A configuration value is invalid; raised before any model is loaded."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from ``asdict`` output (e.g. a checkpoint's saved config)."""
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            factory = f.default_factory
+            if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+                kwargs[f.name] = build(factory, v)
+            else:
+                kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(TrainConfig, data)
+
+
+def _closest(value: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(value, list(choices), n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every name and number that can be checked without loading a model.
+
+    Raises TrainConfigError naming the field, the bad value and the valid choices.
+    """
+
+    def bad(field_name: str, value: Any, choices: Sequence[str] | str) -> TrainConfigError:
+        if isinstance(choices, str):
+            return TrainConfigError(f"{field_name}={value!r}: {choices}")
+        return TrainConfigError(
+            f"{field_name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}."
+            + (_closest(str(value), choices) if isinstance(value, str) else "")
+        )
+
+    presets = _preset_names()
+    if cfg.algorithm.preset not in presets:
+        raise bad("algorithm.preset", cfg.algorithm.preset, presets)
+    if cfg.algorithm.setting not in ("multi_turn", "single_turn"):
+        raise bad("algorithm.setting", cfg.algorithm.setting, ("multi_turn", "single_turn"))
+    if cfg.rollout.engine not in ENGINES:
+        raise bad("rollout.engine", cfg.rollout.engine, ENGINES)
+    if cfg.rollout.engine == "vllm":
+        from alp_agents.engines import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise bad("rollout.engine", "vllm", f"vLLM cannot run here: {reason}")
+    if cfg.optim.lr_schedule not in LR_SCHEDULES:
+        raise bad("optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
+    if cfg.model.autocast not in ("bf16", "none"):
+        raise bad("model.autocast", cfg.model.autocast, ("bf16", "none"))
+    if cfg.perturbation.target not in ("hidden", "logits"):
+        raise bad("perturbation.target", cfg.perturbation.target, ("hidden", "logits"))
+    for name, value in (
+        ("steps", cfg.steps),
+        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
+        ("rollout.group_size", cfg.rollout.group_size),
+        ("rollout.max_tokens", cfg.rollout.max_tokens),
+        ("algorithm.mini_batches", cfg.algorithm.mini_batches),
+        ("algorithm.micro_batch_size", cfg.algorithm.micro_batch_size),
+        ("max_nonfinite_in_row", cfg.max_nonfinite_in_row),
+    ):
+        if int(value) < 1:
+            raise bad(name, value, "must be >= 1")
+    if cfg.algorithm.mini_batches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
+        raise bad(
+            "algorithm.mini_batches",
+            cfg.algorithm.mini_batches,
+            f"more mini-batches than trajectories per step "
+            f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size})",
+        )
+    if cfg.rollout.temperature <= 0:
+        raise bad(
+            "rollout.temperature",
+            cfg.rollout.temperature,
+            "training samples must be stochastic (> 0); greedy decoding is for eval.temperature",
+        )
+    if cfg.optim.lr < 0 or cfg.perturbation.sigma_lr < 0:
+        raise bad("optim.lr", cfg.optim.lr, "learning rates must be >= 0")
+    if cfg.perturbation.sigma_init <= 0:
+        raise bad("perturbation.sigma_init", cfg.perturbation.sigma_init, "must be > 0")
+
+    import envs
+
+    registered = sorted(envs.registered())
+    if cfg.env.id not in registered:
+        raise bad("env.id", cfg.env.id, registered)
+    for split_field in ("train_split", "eval_split"):
+        split = getattr(cfg.env, split_field)
+        if split_field == "eval_split" and cfg.eval.num_problems <= 0:
+            continue
+        try:
+            envs.load_dataset(cfg.env.dataset, split=split, **cfg.env.dataset_options)
+        except Exception as exc:  # the dataset module names the valid choices
+            raise TrainConfigError(
+                f"env.dataset={cfg.env.dataset!r} / env.{split_field}={split!r}: {exc}"
+            ) from exc
+    # PolicyLossConfig rejects unknown override keys itself; surface it as a config error now.
+    try:
+        _loss_config(cfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise TrainConfigError(f"algorithm.loss={dict(cfg.algorithm.loss)!r}: {exc}") from exc
+
+
+def _preset_names() -> tuple[str, ...]:
+    try:
+        from alp_agents.objectives import preset_names
+
+        return preset_names()
+    except ImportError:
+        return PRESETS
+
+
+def _loss_config(cfg: TrainConfig) -> Any:
+    from alp_agents.objectives import PolicyLossConfig
+
+    return PolicyLossConfig.preset(
+        cfg.algorithm.preset, setting=cfg.algorithm.setting, **dict(cfg.algorithm.loss)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------------------------
+class ProblemSampler:
+    """Seeded, epoch-based sampler over problem indices whose position is checkpointable.
+
+    Each epoch is a fresh permutation drawn from ``seed + epoch``; ``state_dict`` is just
+    ``(epoch, position)``, so resuming continues with exactly the next problems.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        if num_items < 1:
+            raise ValueError("ProblemSampler needs at least one problem")
+        self.num_items, self.seed = num_items, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_items, generator=g).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            order = self._order()
+            chunk = order[self.position : self.position + n - len(out)]
+            out.extend(chunk)
+            self.position += len(chunk)
+            if self.position >= self.num_items:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: float):
+    """Multiplier of the base LR after ``t`` optimiser steps (picklable-free closure)."""
+
+    def fn(t: int) -> float:
+        if warmup_steps > 0 and t < warmup_steps:
+            return (t + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, max(0.0, (t - warmup_steps) / span))
+        if schedule == "linear":
+            decay = 1.0 - progress
+        else:  # cosine
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return fn
+
+
+def split_indices(n: int, parts: int) -> list[list[int]]:
+    """Split ``range(n)`` into ``parts`` contiguous near-equal chunks (no empty chunk)."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def episode_stats(trajs: Sequence[Any]) -> dict[str, float]:
+    """Environment statistics of ALP_SPEC section 4 over a list of trajectories."""
+    n = max(1, len(trajs))
+    out: dict[str, float] = {}
+    if not trajs:
+        return out
+    out["reward/mean"] = sum(float(t.reward) for t in trajs) / n
+    out["env/turns_mean"] = sum(int(t.num_turns) for t in trajs) / n
+    out["env/tool_calls_mean"] = sum(int(t.num_tool_calls) for t in trajs) / n
+    out["env/code_use_ratio"] = sum(int(t.num_tool_calls) > 0 for t in trajs) / n
+    out["env/void_turn_ratio"] = sum(int(t.num_void_turns) > 0 for t in trajs) / n
+    out["env/response_tokens_mean"] = sum(int(sum(t.loss_mask)) for t in trajs) / n
+    out["env/episode_tokens_mean"] = sum(len(t.response_ids) for t in trajs) / n
+    tool_errors = sum(int(getattr(t, "num_tool_errors", 0) or 0) for t in trajs)
+    calls = sum(int(t.num_tool_calls) for t in trajs)
+    out["env/tool_error_ratio"] = tool_errors / calls if calls else 0.0
+    for reason, count in Counter(str(t.finish_reason) for t in trajs).items():
+        out[f"finish/{reason}"] = count / n
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    interrupted: bool
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    final_metrics: dict[str, float]
+    export_dir: Path | None
+    plots: dict[str, Path]
+
+
+class ALPTrainer:
+    """Runs ``TrainConfig`` end to end; see the module docstring for the step.
+
+    Args:
+        config: the run's configuration (validated before anything heavy is loaded).
+        model / tokenizer: optional pre-built objects (tests); default: loaded from
+            ``config.model.name``.
+        resume_from: a checkpoint directory (``run_dir/checkpoints/step_N``) to continue from.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: Any = None,
+        tokenizer: Any = None,
+        resume_from: str | os.PathLike | None = None,
+    ) -> None:
+        validate_config(config)  # before any model is loaded
+        self.cfg = config
+        self.loss_cfg = _loss_config(config)
+        resume = ckpt.load_training_checkpoint(resume_from) if resume_from else None
+
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        torch.manual_seed(config.seed)
+
+        import envs
+
+        opts = config.env.dataset_options
+        self.train_problems = envs.load_dataset(
+            config.env.dataset, split=config.env.train_split, **opts
+        )
+        self.eval_problems = (
+            envs.load_dataset(config.env.dataset, split=config.env.eval_split, **opts)[
+                : config.eval.num_problems
+            ]
+            if config.eval.num_problems > 0
+            else []
+        )
+        self.sampler = ProblemSampler(len(self.train_problems), config.seed)
+
+        from alp_agents.models import load_tokenizer
+
+        self.tokenizer = (
+            tokenizer
+            if tokenizer is not None
+            else load_tokenizer(
+                config.model.name
+                if not config.model.name.startswith(TINY_MODEL_PREFIX)
+                else _default_model_name()
+            )
+        )
+        if model is None:
+            model = self._load_model(resume["model_dir"] if resume else None)
+        elif resume:
+            model.load_state_dict(_state_dict_from_dir(resume["model_dir"]), strict=False)
+        self.model = model.to(self.device)
+        if config.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+
+        # Engine and reference model are built from the unperturbed weights, before hooks exist.
+        self.engine = self._make_engine()
+        self.ref_model = None
+        if float(getattr(self.loss_cfg, "kl_coef", 0.0) or 0.0) > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        self.perturbation = None
+        if _uses_perturbation(self.loss_cfg):
+            from alp_agents.perturb import LayerwisePerturbation
+
+            p = config.perturbation
+            self.perturbation = LayerwisePerturbation(
+                self.model,
+                sigma_init=p.sigma_init,
+                learnable=p.learnable,
+                layers=p.layers,
+                target=p.target,
+            )
+            if resume and resume["perturbation"] is not None:
+                self.perturbation.load_state_dict(resume["perturbation"])
+
+        self.optimizer = self._make_optimizer()
+        total_updates = config.steps * config.algorithm.mini_batches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(
+                config.optim.lr_schedule,
+                total_updates,
+                config.optim.warmup_steps,
+                config.optim.min_lr_ratio,
+            ),
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.skipped_updates = 0
+        self.eval_history: list[dict[str, Any]] = []
+        if resume:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            if resume["scheduler"] is not None:
+                self.scheduler.load_state_dict(resume["scheduler"])
+            ts = resume["trainer_state"]
+            self.step = int(ts["step"])
+            self.nonfinite_in_row = int(ts.get("nonfinite_in_row", 0))
+            self.skipped_updates = int(ts.get("skipped_updates", 0))
+            self.eval_history = list(ts.get("eval_history", []))
+            self.sampler.load_state_dict(ts["sampler"])
+            ckpt.set_rng_state(resume["rng"])
+            self.engine_sync()
+        self.run_dir = self._resolve_run_dir(resume_from)
+        self.logger = self._make_logger(resume_step=self.step if resume else None)
+        self._interrupt_requested = False
+        self._in_update = False
+
+    # ---------------------------------------------------------------- construction helpers
+    def _load_model(self, path: Path | None) -> Any:
+        from alp_agents.models import load_model, make_tiny_model
+
+        dtype = getattr(torch, self.cfg.model.dtype)
+        if path is not None:
+            return load_model(str(path), dtype=dtype)
+        name = self.cfg.model.name
+        if name.startswith(TINY_MODEL_PREFIX):
+            return make_tiny_model(
+                arch=name[len(TINY_MODEL_PREFIX) :],
+                tokenizer=self.tokenizer,
+                seed=self.cfg.seed,
+                dtype=dtype,
+            )
+        return load_model(name, dtype=dtype)
+
+    def _make_engine(self) -> Any:
+        """The rollout engine, built from the unperturbed weights (before any hook exists)."""
+        from alp_agents import engines
+
+        r = self.cfg.rollout
+        if r.engine == "hf":
+            kwargs = {"device": self.device, **r.engine_kwargs}
+            return engines.HFEngine(
+                self._unwrapped(), self.tokenizer, dtype=r.engine_dtype, **kwargs
+            )
+        return engines.VLLMEngine(
+            self.cfg.model.name,
+            self.tokenizer,
+            dtype=r.engine_dtype,
+            seed=self.cfg.seed,
+            **r.engine_kwargs,
+        )
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups: list[dict[str, Any]] = [
+            {
+                "params": [p for p in self.model.parameters() if p.requires_grad],
+                "lr": o.lr,
+                "weight_decay": o.weight_decay,
+                "name": "model",
+            }
+        ]
+        if self.perturbation is not None:
+            sigma = [p for p in self.perturbation.parameters() if p.requires_grad]
+            if sigma:
+                groups.append(
+                    {
+                        "params": sigma,
+                        "lr": self.cfg.perturbation.sigma_lr,
+                        "weight_decay": self.cfg.perturbation.weight_decay,
+                        "name": "sigma",
+                    }
+                )
+        fused = o.fused and all(
+            p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            for g in groups
+            for p in g["params"]
+        )
+        return torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+        )
+
+    def _unwrapped(self) -> Any:
+        return (
+            self.accelerator.unwrap_model(self.model)
+            if hasattr(self, "accelerator")
+            else self.model
+        )
+
+    def _resolve_run_dir(self, resume_from: str | os.PathLike | None) -> Path:
+        if resume_from is not None:
+            return Path(resume_from).resolve().parent.parent
+        if self.cfg.logging.run_dir:
+            return Path(self.cfg.logging.run_dir)
+        from alp_agents.runlog import make_run_dir
+
+        return make_run_dir("runs", self.cfg.logging.name)
+
+    def _make_logger(self, resume_step: int | None) -> Any:
+        if not self.is_main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_jsonl(self.run_dir / TRAJECTORY_SAMPLES_FILE, resume_step)
+        from alp_agents.runlog import RunLogger
+
+        return RunLogger(
+            self.run_dir,
+            self.cfg,
+            tensorboard=self.cfg.logging.tensorboard,
+            resume_step=resume_step,
+        )
+
+    # ---------------------------------------------------------------- small operations
+    def engine_sync(self) -> None:
+        """Copy the trainer's weights into the inference engine (never the perturbation)."""
+        self.engine.update_weights(self._unwrapped())
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.model.autocast == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _env_kwargs(self, split: str | None) -> dict[str, Any]:
+        e = self.cfg.env
+        kwargs: dict[str, Any] = {"dataset": e.dataset, "split": split}
+        if e.dataset_options:
+            kwargs["dataset_options"] = dict(e.dataset_options)
+        return {**kwargs, **e.kwargs}
+
+    def _sampling(self, temperature: float, top_p: float, max_tokens: int) -> Any:
+        from alp_agents.engines import SamplingParams
+
+        return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+
+    def _log_probs(self, model: Any, batch: dict[str, torch.Tensor], entropy: bool = False) -> Any:
+        """``(B, L)`` float32 log-probs (and entropies if asked) under the configured autocast."""
+        from alp_agents.logprobs import token_logprobs
+
+        with self._autocast():
+            return token_logprobs(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                self.cfg.rollout.temperature,
+                return_entropy=entropy,
+            )
+
+    # ---------------------------------------------------------------- rollout
+    def rollout(self) -> tuple[list[Any], dict[str, float]]:
+        """Sample this step's problems and run the episodes (this process's shard)."""
+        from alp_agents.rollout import run_episodes
+
+        cfg = self.cfg
+        idx = self.sampler.take(cfg.rollout.prompts_per_step)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        problems = [self.train_problems[i] for i in idx][rank::world]
+        t0 = time.perf_counter()
+        trajs = run_episodes(
+            cfg.env.id,
+            self.engine,
+            self.tokenizer,
+            problems,
+            cfg.rollout.group_size,
+            self._sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens),
+            env_kwargs=self._env_kwargs(cfg.env.train_split),
+            max_turns=cfg.env.max_turns,
+            progress=cfg.logging.progress and self.is_main,
+            seed=_step_seed(cfg.seed, self.step, rank),
+        )
+        return trajs, {"time/rollout_s": time.perf_counter() - t0}
+
+    # ---------------------------------------------------------------- one training step
+    def train_step(self) -> dict[str, float]:
+        """One full step: rollout, advantages, K mini-batch updates, weight sync. Returns metrics."""
+        from alp_agents.advantages import grpo_advantages
+        from alp_agents.trajectory import collate
+
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        trajs, metrics = self.rollout()
+        metrics.update(episode_stats(trajs))
+        self._save_trajectory_samples(trajs)
+
+        infra = [bool(getattr(t, "is_infra_failure", False)) for t in trajs]
+        kept = [t for t, bad in zip(trajs, infra, strict=False) if not bad]
+        metrics["batch/infra_failures"] = float(sum(infra))
+        metrics["batch/trajectories"] = float(len(kept))
+        if not kept:
+            metrics["batch/skipped_no_data"] = 1.0
+            return metrics
+
+        void = torch.tensor([bool(getattr(t, "is_void", False)) for t in kept])
+        rewards = torch.tensor([float(t.reward) for t in kept])
+        group_ids = [t.group_id for t in kept]
+        valid = None if cfg.rollout.void_in_group_stats else ~void
+        adv = grpo_advantages(rewards, group_ids, eps=cfg.algorithm.advantage_eps, valid=valid)
+        batch = collate(kept, pad_token_id=self.tokenizer.pad_token_id)
+        loss_mask = batch["loss_mask"].float()
+        if cfg.rollout.mask_void_turns:
+            loss_mask[void] = 0.0
+        batch["loss_mask"] = loss_mask
+        batch["advantages"] = adv.float()
+        metrics["batch/void_masked"] = float(void.sum()) if cfg.rollout.mask_void_turns else 0.0
+        metrics["advantage/abs_mean"] = float(adv.abs().mean())
+        metrics["advantage/zero_groups_ratio"] = _zero_group_ratio(adv, group_ids)
+
+        t_upd = time.perf_counter()
+        old_lp = ref_lp = None
+        if _needs_old_logprobs(self.loss_cfg):
+            old_lp = self._no_grad_logprobs(self._unwrapped(), batch)
+        if self.ref_model is not None:
+            ref_lp = self._no_grad_logprobs(self.ref_model, batch)
+        metrics.update(self._update(batch, old_lp, ref_lp))
+        metrics["time/update_s"] = time.perf_counter() - t_upd
+        metrics["throughput/update_tokens_per_s"] = float(batch["attention_mask"].sum()) / max(
+            1e-9, metrics["time/update_s"]
+        )
+
+        t_sync = time.perf_counter()
+        self.engine_sync()
+        metrics["time/sync_s"] = time.perf_counter() - t_sync
+        metrics["time/step_s"] = time.perf_counter() - t_step
+        return metrics
+
+    def _no_grad_logprobs(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros_like(batch["loss_mask"], dtype=torch.float32)
+        mbs = self.cfg.algorithm.micro_batch_size
+        with torch.no_grad():
+            for start in range(0, out.shape[0], mbs):
+                rows = slice(start, start + mbs)
+                sub = _trim({k: batch[k][rows] for k in ("input_ids", "attention_mask")})
+                lp = self._log_probs(model, sub)
+                out[rows, : lp.shape[1]] = lp
+        return out
+
+    def _update(
+        self,
+        batch: dict[str, torch.Tensor],
+        old_lp: torch.Tensor | None,
+        ref_lp: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """K mini-batches, one optimiser step each, micro-batched gradient accumulation.
+
+        Micro-batch losses use the mini-batch's loss-token (or sequence) count as normaliser,
+        so their gradients add up to the full mini-batch mean whatever the micro-batch size.
+        """
+        from alp_agents.objectives import policy_loss
+
+        cfg = self.cfg
+        n = batch["input_ids"].shape[0]
+        order = torch.arange(n)
+        if cfg.algorithm.shuffle:
+            g = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 7))
+            order = torch.randperm(n, generator=g)
+        numerators = torch.zeros_like(batch["loss_mask"])  # log-prob in the ratio numerator
+        mini_batches = split_indices(n, cfg.algorithm.mini_batches)
+        loss_metrics: list[tuple[float, dict[str, float]]] = []
+        sums: Counter = Counter()
+        self._in_update = True
+        try:
+            for k, mb in enumerate(mini_batches):
+                rows_mb = order[mb]
+                mask_mb = batch["loss_mask"][rows_mb]
+                if self.loss_cfg.aggregation == "token_mean":
+                    normalizer = float(mask_mb.sum())
+                else:
+                    normalizer = float((mask_mb.sum(-1) > 0).sum())
+                micro = [
+                    rows_mb[i : i + cfg.algorithm.micro_batch_size]
+                    for i in range(0, len(rows_mb), cfg.algorithm.micro_batch_size)
+                ]
+                self.optimizer.zero_grad(set_to_none=True)
+                finite = True
+                mb_loss = 0.0
+                for j, rows in enumerate(micro):
+                    sub = _trim({key: v[rows] for key, v in batch.items() if v.dim() == 2})
+                    width = sub["input_ids"].shape[1]
+                    last = j == len(micro) - 1
+                    ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+                    with ctx, self._perturbed(seed=_step_seed(cfg.seed, self.step, 1000 * k + j)):
+                        ent = None
+                        if self.loss_cfg.needs_entropy:
+                            lp, ent = self._log_probs(self.model, sub, entropy=True)
+                        else:
+                            lp = self._log_probs(self.model, sub)
+                        loss, m = policy_loss(
+                            lp,
+                            sub["infer_logprobs"],
+                            batch["advantages"][rows],
+                            sub["loss_mask"],
+                            self.loss_cfg,
+                            old_logprobs=None if old_lp is None else old_lp[rows, :width],
+                            turn_index=sub["turn_index"],
+                            ref_logprobs=None if ref_lp is None else ref_lp[rows, :width],
+                            entropy=ent,
+                            normalizer=max(1.0, normalizer),
+                        )
+                        finite = finite and bool(torch.isfinite(loss))
+                        self.accelerator.backward(loss)
+                    numerators[rows, :width] = lp.detach()
+                    mb_loss += float(loss.detach())
+                    loss_metrics.append((float(sub["loss_mask"].sum()), m))
+                if self.perturbation is not None and self.accelerator.num_processes > 1:
+                    self.perturbation.all_reduce_grads()  # sigma is not a DDP parameter
+                grad_norm = self._clip_grads()
+                sigma_grad = self._sigma_grad_norm()
+                if not finite or not math.isfinite(grad_norm):
+                    self._skip_update(k, mb_loss, grad_norm, finite)
+                    sums["update/skipped"] += 1
+                    continue
+                self.nonfinite_in_row = 0
+                self.optimizer.step()
+                self.scheduler.step()
+                sums["update/steps"] += 1
+                sums["update/grad_norm"] += grad_norm
+                sums["update/loss"] += mb_loss
+                if sigma_grad is not None:
+                    sums["sigma/grad_norm"] += sigma_grad
+        finally:
+            self._in_update = False
+        done = max(1, sums["update/steps"])
+        out = {
+            "update/steps": float(sums["update/steps"]),
+            "update/skipped": float(sums["update/skipped"]),
+            "update/grad_norm": sums["update/grad_norm"] / done,
+            "update/loss": sums["update/loss"] / done,
+            "update/lr": float(self.scheduler.get_last_lr()[0]),
+        }
+        if self.perturbation is not None:
+            out["sigma/grad_norm"] = sums["sigma/grad_norm"] / done
+            out.update(self._sigma_metrics())
+        out.update(_weighted_mean(loss_metrics, keep=_MICRO_METRIC_PREFIXES))
+        out.update(self._step_ratio_metrics(batch, numerators, old_lp))
+        return out
+
+    def _skip_update(self, k: int, loss: float, grad_norm: float, loss_finite: bool) -> None:
+        """Drop a non-finite update (weights untouched); stop after too many in a row."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_row += 1
+        self.skipped_updates += 1
+        what = "gradient" if loss_finite else "loss"
+        self._warn(
+            f"step {self.step + 1} mini-batch {k}: non-finite {what} (loss={loss}, "
+            f"grad_norm={grad_norm}); update skipped "
+            f"({self.nonfinite_in_row}/{cfg.max_nonfinite_in_row} in a row)"
+        )
+        if self.nonfinite_in_row >= cfg.max_nonfinite_in_row:
+            raise TrainingDivergedError(
+                f"{self.nonfinite_in_row} consecutive optimiser steps had a non-finite loss or "
+                f"gradient (last: step {self.step + 1}, mini-batch {k}, loss={loss}, "
+                f"grad_norm={grad_norm}). Training stopped; the weights are those of the last "
+                f"finite update and no checkpoint of a non-finite state was written. Lower "
+                f"optim.lr, check the data and rewards, or raise max_nonfinite_in_row."
+            )
+
+    def _step_ratio_metrics(
+        self,
+        batch: dict[str, torch.Tensor],
+        numerators: torch.Tensor,
+        old_lp: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """Ratio quantiles, clip fractions, trainer/inference mismatch over the WHOLE step.
+
+        Quantiles of per-micro-batch quantiles would be meaningless, so the loss forward's
+        log-probs are collected and the same functions policy_loss uses run once on all of them.
+        """
+        from alp_agents import metrics as M
+        from alp_agents.objectives import log_ratio
+
+        c = self.loss_cfg
+        m = batch["loss_mask"].float()
+        zeros = torch.zeros_like(m)
+        lp = torch.where(m > 0, numerators.float(), zeros)
+        infer = torch.where(m > 0, batch["infer_logprobs"].float(), zeros)
+        old = None if old_lp is None else torch.where(m > 0, old_lp.float(), zeros)
+        den = infer if c.denominator == "infer" else old
+        ratio = (
+            log_ratio(lp, den, m, c, batch["turn_index"])
+            .clamp(-c.log_ratio_clamp, c.log_ratio_clamp)
+            .exp()
+        )
+        adv = batch["advantages"][:, None].expand_as(m)
+        stats: dict[str, Any] = {}
+        stats.update(M.ratio_stats(ratio, m))
+        stats.update(M.seq_log_ratio_stats(lp - den, m))
+        stats.update(M.clip_fractions(ratio, adv, m, c.eps_low, c.eps_high, c.dual_clip))
+        stats.update(M.mismatch_stats(lp, infer, m))
+        if old is not None:
+            stats.update(M.mismatch_stats(old, infer, m, prefix="mismatch_old"))
+        denom = m.sum().clamp_min(1)
+        stats["entropy/sampled_nll"] = -(lp * m).sum() / denom
+        stats["tokens/loss"] = m.sum()
+        return M.to_floats(stats)
+
+    @contextlib.contextmanager
+    def _perturbed(self, seed: int) -> Iterator[None]:
+        if self.perturbation is None:
+            yield
+        else:
+            with self.perturbation.active(seed=seed):
+                yield
+
+    def _clip_grads(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(total)
+
+    def _sigma_grad_norm(self) -> float | None:
+        if self.perturbation is None:
+            return None
+        grads = [p.grad for p in self.perturbation.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def _sigma_metrics(self) -> dict[str, float]:
+        """sigma per layer (``sigma/layer_XX``), mean/min/max, realised noise RMS if rounded."""
+        out = self.perturbation.metrics()
+        out.pop("sigma/grad_norm", None)  # the trainer logs the mean over this step's updates
+        return out
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation with the (synced, unperturbed) inference engine."""
+        if not self.eval_problems:
+            return {}
+        from alp_agents.evaluation import evaluate_with_engine
+
+        e = self.cfg.eval
+        result = evaluate_with_engine(
+            self.engine,
+            self.tokenizer,
+            self.cfg.env.id,
+            self.eval_problems,
+            k=e.k,
+            sampling=self._sampling(
+                e.temperature, e.top_p, e.max_tokens or self.cfg.rollout.max_tokens
+            ),
+            env_kwargs=self._env_kwargs(self.cfg.env.eval_split),
+            seed=self.cfg.seed + 12345,
+            progress=self.cfg.logging.progress and self.is_main,
+            max_turns=self.cfg.env.max_turns,
+        )
+        return {k: float(v) for k, v in result.summary.items() if isinstance(v, (int, float))}
+
+    def _record_eval(self, label: str) -> dict[str, float]:
+        summary = self.evaluate()
+        if summary:
+            self.eval_history.append({"step": self.step, "label": label, **summary})
+            if self.logger is not None:
+                self.logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
+        return summary
+
+    # ---------------------------------------------------------------- checkpointing
+    def save_checkpoint(self) -> Path | None:
+        """Write ``run_dir/checkpoints/step_N`` (main process only); returns its path."""
+        if not self.is_main:
+            return None
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
+        ckpt.save_training_checkpoint(
+            path,
+            model=self._unwrapped(),
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            perturbation_state=self.perturbation.state_dict() if self.perturbation else None,
+            trainer_state={
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "nonfinite_in_row": self.nonfinite_in_row,
+                "skipped_updates": self.skipped_updates,
+                "eval_history": self.eval_history,
+                "config": asdict(self.cfg),
+            },
+            rng=ckpt.rng_state(),
+            config=self.cfg,
+        )
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        return path
+
+    def _save_trajectory_samples(self, trajs: Sequence[Any]) -> None:
+        lc = self.cfg.logging
+        if not self.is_main or lc.trajectory_samples_every <= 0:
+            return
+        if self.step % lc.trajectory_samples_every:
+            return
+        chosen = trajs if lc.trajectory_samples < 0 else trajs[: lc.trajectory_samples]
+        with open(self.run_dir / TRAJECTORY_SAMPLES_FILE, "a") as f:
+            for t in chosen:
+                f.write(json.dumps(_trajectory_sample(t, self.tokenizer, self.step)) + "\n")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        """Run until ``config.steps``; Ctrl-C saves a checkpoint and returns (interrupted=True)."""
+        cfg = self.cfg
+        eval_before = None
+        if cfg.eval.before and self.step == 0 and self.eval_problems:
+            self._say("held-out evaluation before training ...")
+            eval_before = self._record_eval("before")
+        elif self.eval_history:
+            eval_before = _strip(self.eval_history[0])
+        interrupted = False
+        metrics: dict[str, float] = {}
+        bar = _progress(
+            total=cfg.steps, initial=self.step, enabled=cfg.logging.progress and self.is_main
+        )
+        previous = signal.getsignal(signal.SIGINT)
+        if threading_is_main():
+            signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            while self.step < cfg.steps:
+                start_state = (self.sampler.state_dict(), ckpt.rng_state())
+                try:
+                    metrics = self.train_step()
+                except KeyboardInterrupt:
+                    # Interrupted during the rollout: no weight changed yet, so rewind this step's
+                    # sampler/RNG and checkpoint the end of the previous step.
+                    self.sampler.load_state_dict(start_state[0])
+                    ckpt.set_rng_state(start_state[1])
+                    interrupted = True
+                    break
+                self.step += 1
+                metrics["step"] = self.step
+                if self.logger is not None:
+                    self.logger.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=True)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.steps:
+                    self._record_eval(f"step {self.step}")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                if self._interrupt_requested:
+                    interrupted = True
+                    break
+        finally:
+            bar.close()
+            if threading_is_main():
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            if cfg.checkpoint.on_interrupt:
+                path = self.save_checkpoint()
+                self._say(
+                    f"interrupted: checkpoint saved to {path}; continue with --resume {self.run_dir}"
+                )
+            return self._result(True, eval_before, None, metrics, None)
+        if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
+            self.save_checkpoint()
+        eval_after = self._record_eval("after") if cfg.eval.after and self.eval_problems else None
+        export = None
+        if cfg.checkpoint.export and self.is_main:
+            export = ckpt.save_export(self._unwrapped(), self.tokenizer, self.run_dir / "final")
+        result = self._result(False, eval_before, eval_after, metrics, export)
+        if self.is_main:
+            self._say(format_summary(result))
+        return result
+
+    def _result(self, interrupted, before, after, metrics, export) -> TrainResult:
+        plots: dict[str, Path] = {}
+        if self.logger is not None:
+            with contextlib.suppress(Exception):
+                self.logger.close()
+            if self.cfg.logging.plots:
+                from alp_agents.plots import plot_run
+
+                plots = plot_run(self.run_dir)
+        return TrainResult(
+            self.run_dir, self.step, interrupted, before, after, metrics, export, plots
+        )
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._in_update and not self._interrupt_requested:
+            # Finish the optimiser steps of this batch so the checkpoint is a clean step boundary.
+            self._interrupt_requested = True
+            self._say(
+                "\nCtrl-C: finishing this update, then saving a checkpoint (Ctrl-C again to abort) ..."
+            )
+            return
+        raise KeyboardInterrupt
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    def _warn(self, text: str) -> None:
+        self._say(f"WARNING: {text}")
+        if self.logger is not None:
+            with contextlib.suppress(Exception):
+                self.logger.log(self.step, {"warning/nonfinite_step": float(self.step)})
+
+
+# --------------------------------------------------------------------------------------------
+# Module-level helpers
+# --------------------------------------------------------------------------------------------
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _default_model_name() -> str:
+    from alp_agents.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _state_dict_from_dir(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _step_seed(seed: int, step: int, salt: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
+
+
+def _uses_perturbation(loss_cfg: Any) -> bool:
+    return bool(getattr(loss_cfg, "perturbation", False))
+
+
+def _needs_old_logprobs(loss_cfg: Any) -> bool:
+    fn = getattr(loss_cfg, "needs_old_logprobs", None)
+    if callable(fn):
+        return bool(fn())
+    return bool(fn)
+
+
+def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut right padding shared by every row (micro-batches are often shorter than the batch)."""
+    width = (
+        int(batch["attention_mask"].sum(dim=1).max().item()) if "attention_mask" in batch else None
+    )
+    if not width:
+        return batch
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def _zero_group_ratio(adv: torch.Tensor, group_ids: Sequence[Any]) -> float:
+    groups: dict[Any, list[float]] = {}
+    for a, g in zip(adv.tolist(), group_ids, strict=False):
+        groups.setdefault(g, []).append(a)
+    if not groups:
+        return 0.0
+    return sum(all(abs(a) < 1e-12 for a in v) for v in groups.values()) / len(groups)
+
+
+# Micro-batch metrics that are per-token means (loss/* are partial sums under a normaliser).
+_MICRO_METRIC_PREFIXES = ("correction/", "entropy")
+
+
+def _weighted_mean(
+    items: Sequence[tuple[float, dict[str, Any]]], keep: Sequence[str]
+) -> dict[str, float]:
+    """Token-weighted mean over micro-batches of the loss metrics whose key starts with ``keep``."""
+    total: Counter = Counter()
+    weight: Counter = Counter()
+    for w, m in items:
+        for k, v in m.items():
+            if not k.startswith(tuple(keep)):
+                continue
+            fv = float(v) if torch.is_tensor(v) or isinstance(v, (int, float)) else None
+            if fv is None or not math.isfinite(fv):
+                continue
+            total[k] += w * fv
+            weight[k] += w
+    return {k: total[k] / weight[k] for k in total if weight[k] > 0}
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step`` (a killed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= last_step:
+            keep.append(line)
+    path.write_text("".join(f"{line}\n" for line in keep))
+
+
+def _trajectory_sample(t: Any, tokenizer: Any, step: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "problem_id": getattr(t, "problem_id", None),
+        "group_id": t.group_id,
+        "reward": float(t.reward),
+        "finish_reason": str(t.finish_reason),
+        "num_turns": int(t.num_turns),
+        "num_tool_calls": int(t.num_tool_calls),
+        "prompt": tokenizer.decode(t.prompt_ids),
+        "response": tokenizer.decode(t.response_ids),
+    }
+
+
+def _strip(row: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k not in ("step", "label")}
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    out = {}
+    for key, label, fmt in (
+        ("reward/mean", "reward", "{:.3f}"),
+        ("env/code_use_ratio", "tool", "{:.2f}"),
+        ("ratio/q99", "r_p99", "{:.3f}"),
+        ("mismatch/k3", "k3", "{:.2e}"),
+        ("time/step_s", "s/step", "{:.1f}"),
+    ):
+        if key in metrics:
+            out[label] = fmt.format(metrics[key])
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def format_summary(result: TrainResult) -> str:
+    """A short before/after table printed at the end of training."""
+    lines = [f"\nRun directory: {result.run_dir}  (steps: {result.steps_done})"]
+    if result.eval_before or result.eval_after:
+        before, after = result.eval_before or {}, result.eval_after or {}
+        keys = [k for k in (before or after) if k in after or not after]
+        lines.append(f"{'held-out metric':<32}{'before':>10}{'after':>10}{'change':>10}")
+        for k in keys:
+            b, a = before.get(k), after.get(k)
+            change = f"{a - b:+.3f}" if a is not None and b is not None else ""
+            fb = f"{b:.3f}" if b is not None else "-"
+            fa = f"{a:.3f}" if a is not None else "-"
+            lines.append(f"{k:<32}{fb:>10}{fa:>10}{change:>10}")
+    if result.export_dir:
+        lines.append(f"Exported model (plain from_pretrained): {result.export_dir}")
+    if result.plots:
+        lines.append(f"Plots: {', '.join(str(p) for p in result.plots.values())}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (train/multi_turn.py and train/single_turn.py are thin wrappers over this)
+# --------------------------------------------------------------------------------------------
+def cli_main(
+    argv: Sequence[str] | None, default_config: str | os.PathLike, description: str
+) -> int:
+    """Parse ``--config/--preset/--resume`` plus dotted overrides, train, print the summary.
+
+    ``--preset NAME`` is a shortcut for ``algorithm.preset=NAME``; ``--resume RUN_DIR``
+    continues the newest checkpoint of ``RUN_DIR`` with its saved configuration (later
+    overrides still apply, e.g. ``steps=40`` to train longer). Configuration mistakes exit
+    with status 2 before any model is loaded.
+    """
+    from alp_agents.config import parse_cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    args, preset = _pop_option(args, "--preset")
+    args, resume_dir = _pop_option(args, "--resume")
+    if preset is not None:
+        args.append(f"algorithm.preset={preset}")
+    checkpoint = None
+    if resume_dir is not None:
+        checkpoint = ckpt.latest_checkpoint(resume_dir)
+        if checkpoint is None:
+            print(
+                f"error: --resume {resume_dir}: no checkpoint found under "
+                f"{Path(resume_dir) / ckpt.CHECKPOINT_DIRNAME}",
+                file=sys.stderr,
+            )
+            return 2
+        if any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+            print(
+                "error: --resume uses the run's saved configuration; give overrides only, "
+                "not --config",
+                file=sys.stderr,
+            )
+            return 2
+        args = ["--config", str(checkpoint / "config.yaml"), *args]
+    prog = Path(sys.argv[0]).name if argv is None else None
+    cfg, _ = parse_cli(
+        TrainConfig, args, description=description, prog=prog, default_config=default_config
+    )
+    try:
+        validate_config(cfg)
+    except TrainConfigError as exc:
+        print(f"{prog or 'train'}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = ALPTrainer(cfg, resume_from=checkpoint).train()
+    except TrainingDivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 130 if result.interrupted else 0
+
+
+def _pop_option(args: list[str], name: str) -> tuple[list[str], str | None]:
+    """Remove ``NAME VALUE`` / ``NAME=VALUE`` from ``args``; returns (rest, value)."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == name:
+            if i + 1 >= len(args):
+                raise SystemExit(f"error: {name} needs a value")
+            value, i = args[i + 1], i + 2
+            continue
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
