@@ -514,6 +514,10 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
         raise EvaluationError(f"limit must be a positive number of problems, got {cfg.limit}")
     if cfg.engine not in ("auto", "hf", "vllm"):
         raise EvaluationError(f"engine must be one of auto, hf, vllm; got {cfg.engine!r}")
+    if cfg.sandbox not in (None, *SANDBOX_BACKENDS):
+        raise EvaluationError(
+            f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {cfg.sandbox!r}"
+        )
     _check_env(cfg.env)
     problems = _load_problems(cfg)
     cfg = dataclasses.replace(cfg, model=resolve_checkpoint(cfg.model))
@@ -696,31 +700,55 @@ def _training_set_of(model: str) -> dict[str, Any]:
     return {}
 
 
-def _contamination_guard(cfg: EvalConfig, problems: list[Any]) -> list[Any]:
-    """Warn when evaluation problems also occur in the training set named in the config."""
+def _contamination_guard(cfg: EvalConfig, problems: list[Any]) -> int:
+    """Warn when evaluation problems also occur in the training set; return how many do."""
     if not cfg.train_dataset:
-        return []
+        return 0
     import envs
 
-    train = envs.load_dataset(cfg.train_dataset, split=cfg.train_split)
-    overlap = list(envs.dataset_overlap(problems, train))
-    if overlap:
-        shown = ", ".join(str(getattr(o, "id", o)) for o in overlap[:5])
+    try:
+        train = envs.load_dataset(cfg.train_dataset, split=cfg.train_split)
+    except ValueError as exc:
+        raise EvaluationError(
+            f"contamination guard: cannot load train_dataset {cfg.train_dataset!r} "
+            f"(split={cfg.train_split!r}): {exc}"
+        ) from exc
+    overlap = envs.dataset_overlap(train, problems)
+    if overlap.n_overlap:
         message = (
-            f"contamination: {len(overlap)} of {len(problems)} evaluation problems of "
-            f"{cfg.dataset!r} also occur in the training set {cfg.train_dataset!r} "
-            f"(e.g. {shown}); held-out scores on them are not held out."
+            f"contamination: {overlap} (evaluation set {cfg.dataset!r}, training set "
+            f"{cfg.train_dataset!r}); scores on those problems are not held-out scores."
         )
         warnings.warn(message, stacklevel=3)
         _say(message)
-    return overlap
+    else:
+        _say(f"contamination guard: no overlap with the training set {cfg.train_dataset!r}")
+    return overlap.n_overlap
+
+
+SANDBOX_BACKENDS = ("local", "docker")
 
 
 def _env_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    """``envs.make`` keyword arguments: the config's env_kwargs plus the sandbox backend.
+
+    ``sandbox: local`` (or null) keeps the environment's default (the process-wide warm
+    LocalSandbox); ``sandbox: docker`` builds one `sandbox.DockerSandbox` shared by all episodes.
+    """
     kwargs = dict(cfg.env_kwargs)
-    if cfg.sandbox is not None:
-        kwargs["sandbox"] = cfg.sandbox
-    return kwargs
+    if cfg.sandbox in (None, "local"):
+        return kwargs
+    if cfg.sandbox == "docker":
+        try:
+            from sandbox import DockerSandbox
+
+            kwargs["sandbox"] = DockerSandbox()
+        except Exception as exc:  # ImportError (no docker package) or no reachable engine
+            raise EvaluationError(f"sandbox 'docker' is unavailable here: {exc}") from exc
+        return kwargs
+    raise EvaluationError(
+        f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {cfg.sandbox!r}"
+    )
 
 
 def _make_engine(cfg: EvalConfig) -> tuple[Any, Any]:
