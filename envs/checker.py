@@ -81,7 +81,9 @@ def check_env(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 value = fn()
-            report.warnings += [f"{name}: {w.message}" for w in caught if "render fps" not in str(w.message)]
+            report.warnings += [
+                f"{name}: {w.message}" for w in caught if "render fps" not in str(w.message)
+            ]
         except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
             report.failures[name] = f"{type(exc).__name__}: {exc}"
             return None
@@ -95,13 +97,21 @@ def check_env(
         check("seeded reset is deterministic", lambda: _check_seeding(env, seed))
         check("options problem_id pins the problem", lambda: _check_pinning(env, first))
         check("info is a fresh copy", lambda: _check_fresh_copies(env, seed))
-        check("step contract over one episode", lambda: _check_episode(env, seed, list(actions or [VOID_ACTION])))
+        check(
+            "step contract over one episode",
+            lambda: _check_episode(env, seed, list(actions or [VOID_ACTION])),
+        )
         check("step after the end raises", lambda: _check_step_after_end(env, seed))
         check("step before reset raises", lambda: _check_step_before_reset(env))
     if gymnasium_checks:
-        check("gymnasium.utils.env_checker.check_env", lambda: gymnasium_check_env(env, skip_close_check=True))
+        check(
+            "gymnasium.utils.env_checker.check_env",
+            lambda: gymnasium_check_env(env, skip_close_check=True),
+        )
     if raise_on_failure and report.failures:
-        raise EnvCheckError(f"{type(env.unwrapped).__name__} failed the environment checks:\n{report}")
+        raise EnvCheckError(
+            f"{type(env.unwrapped).__name__} failed the environment checks:\n{report}"
+        )
     return report
 
 
@@ -121,20 +131,31 @@ def _check_class(env: gymnasium.Env) -> None:
 
 def _check_stop_sequences(env: gymnasium.Env) -> None:
     stops = getattr(env, "stop_sequences", None)
-    _require(isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
-             f"stop_sequences must be a list of non-empty str, got {stops!r}")
+    _require(
+        isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
+        f"stop_sequences must be a list of non-empty str, got {stops!r}",
+    )
 
 
 def _check_messages(messages: Any, where: str, allow_empty: bool) -> None:
-    _require(isinstance(messages, list), f"{where}: messages must be a list, got {type(messages).__name__}")
+    _require(
+        isinstance(messages, list),
+        f"{where}: messages must be a list, got {type(messages).__name__}",
+    )
     _require(allow_empty or messages, f"{where}: messages must not be empty")
     for i, message in enumerate(messages):
-        _require(isinstance(message, dict) and set(message) >= {"role", "content"},
-                 f"{where}: message {i} must be a dict with 'role' and 'content', got {message!r}")
-        _require(isinstance(message["role"], str) and isinstance(message["content"], str),
-                 f"{where}: message {i} role and content must be str")
-        _require(allow_empty is False or message["role"] != "assistant",
-                 f"{where}: step must not write assistant messages (the policy writes those)")
+        _require(
+            isinstance(message, dict) and set(message) >= {"role", "content"},
+            f"{where}: message {i} must be a dict with 'role' and 'content', got {message!r}",
+        )
+        _require(
+            isinstance(message["role"], str) and isinstance(message["content"], str),
+            f"{where}: message {i} role and content must be str",
+        )
+        _require(
+            allow_empty is False or message["role"] != "assistant",
+            f"{where}: step must not write assistant messages (the policy writes those)",
+        )
 
 
 def _check_info(info: Any, where: str) -> None:
@@ -142,12 +163,23 @@ def _check_info(info: Any, where: str) -> None:
     missing = [k for k in INFO_KEYS if k not in info]
     _require(not missing, f"{where}: info lacks {missing}")
     _require(isinstance(info["problem_id"], str), f"{where}: problem_id must be str")
-    _require(isinstance(info["turn"], int) and isinstance(info["tool_calls"], int), f"{where}: turn/tool_calls must be int")
-    _require(isinstance(info["tool_results"], list) and all(isinstance(r, dict) for r in info["tool_results"]),
-             f"{where}: tool_results must be a list of dicts")
-    _require(info["grade"] is None or isinstance(info["grade"], Grade), f"{where}: grade must be an envs.Grade or None")
-    _require(info["finish_reason"] is None or info["finish_reason"] in FINISH_REASONS,
-             f"{where}: finish_reason {info['finish_reason']!r} not in {FINISH_REASONS}")
+    _require(
+        isinstance(info["turn"], int) and isinstance(info["tool_calls"], int),
+        f"{where}: turn/tool_calls must be int",
+    )
+    _require(
+        isinstance(info["tool_results"], list)
+        and all(isinstance(r, dict) for r in info["tool_results"]),
+        f"{where}: tool_results must be a list of dicts",
+    )
+    _require(
+        info["grade"] is None or isinstance(info["grade"], Grade),
+        f"{where}: grade must be an envs.Grade or None",
+    )
+    _require(
+        info["finish_reason"] is None or info["finish_reason"] in FINISH_REASONS,
+        f"{where}: finish_reason {info['finish_reason']!r} not in {FINISH_REASONS}",
+    )
 
 
 def _check_reset(env: gymnasium.Env, seed: int) -> dict:
@@ -156,11 +188,22 @@ def _check_reset(env: gymnasium.Env, seed: int) -> dict:
     obs, info = result
     _check_info(info, "reset")
     _check_messages(info["messages"], "reset", allow_empty=False)
-    _require(info["messages"][-1]["role"] == "user" or info["messages"][-1]["role"] == getattr(env, "observation_role", "user"),
-             "reset: the last initial message must be the question (role user)")
-    _require(obs == info["messages"][-1]["content"], "reset: obs must be the text of the last message")
-    _require(info["turn"] == 0 and info["tool_calls"] == 0 and info["tool_results"] == [], "reset: counters must start at 0")
-    _require(info["grade"] is None and info["finish_reason"] is None, "reset: no grade or finish_reason yet")
+    _require(
+        info["messages"][-1]["role"] == "user"
+        or info["messages"][-1]["role"] == getattr(env, "observation_role", "user"),
+        "reset: the last initial message must be the question (role user)",
+    )
+    _require(
+        obs == info["messages"][-1]["content"], "reset: obs must be the text of the last message"
+    )
+    _require(
+        info["turn"] == 0 and info["tool_calls"] == 0 and info["tool_results"] == [],
+        "reset: counters must start at 0",
+    )
+    _require(
+        info["grade"] is None and info["finish_reason"] is None,
+        "reset: no grade or finish_reason yet",
+    )
     return info
 
 
@@ -180,7 +223,9 @@ def _check_pinning(env: gymnasium.Env, first_info: dict) -> None:
     problems = getattr(env, "problems", None)
     target = problems[-1].id if problems else first_info["problem_id"]
     _, info = env.reset(options={"problem_id": target})
-    _require(info["problem_id"] == target, f"options problem_id={target!r} gave {info['problem_id']!r}")
+    _require(
+        info["problem_id"] == target, f"options problem_id={target!r} gave {info['problem_id']!r}"
+    )
     _, info = env.reset(seed=123, options={"problem_id": target})
     _require(info["problem_id"] == target, "problem_id must win over the seed")
 
@@ -190,28 +235,51 @@ def _check_fresh_copies(env: gymnasium.Env, seed: int) -> None:
     info["messages"][-1]["content"] += " (mutated by the caller)"
     info["messages"].append({"role": "user", "content": "x"})
     _, info2 = env.reset(seed=seed)
-    _require(info2["messages"] != info["messages"], "info['messages'] shares objects with the environment's state")
+    _require(
+        info2["messages"] != info["messages"],
+        "info['messages'] shares objects with the environment's state",
+    )
 
 
 def _check_step(result: Any, where: str) -> tuple:
     _require(isinstance(result, tuple) and len(result) == 5, f"{where}: step must return a 5-tuple")
     obs, reward, terminated, truncated, info = result
     _require(isinstance(obs, str), f"{where}: obs must be str")
-    _require(isinstance(reward, float), f"{where}: reward must be float, got {type(reward).__name__}")
-    _require(isinstance(terminated, bool) and isinstance(truncated, bool), f"{where}: terminated/truncated must be bool")
+    _require(
+        isinstance(reward, float), f"{where}: reward must be float, got {type(reward).__name__}"
+    )
+    _require(
+        isinstance(terminated, bool) and isinstance(truncated, bool),
+        f"{where}: terminated/truncated must be bool",
+    )
     _check_info(info, where)
     _check_messages(info["messages"], where, allow_empty=True)
     done = terminated or truncated
     if done:
-        _require(info["finish_reason"] in FINISH_REASONS, f"{where}: an ended episode needs a finish_reason")
+        _require(
+            info["finish_reason"] in FINISH_REASONS,
+            f"{where}: an ended episode needs a finish_reason",
+        )
         _require(info["messages"] == [], f"{where}: messages must be [] when the episode ends")
         _require(isinstance(info["grade"], Grade), f"{where}: an ended episode needs a grade")
-        _require(reward == info["grade"].reward, f"{where}: reward {reward} != grade reward {info['grade'].reward}")
-        _require(truncated == (info["finish_reason"] == "max_turns"), f"{where}: truncated iff finish_reason == 'max_turns'")
+        _require(
+            reward == info["grade"].reward,
+            f"{where}: reward {reward} != grade reward {info['grade'].reward}",
+        )
+        _require(
+            truncated == (info["finish_reason"] == "max_turns"),
+            f"{where}: truncated iff finish_reason == 'max_turns'",
+        )
     else:
-        _require(info["finish_reason"] is None and info["grade"] is None, f"{where}: a running episode has no finish_reason/grade")
+        _require(
+            info["finish_reason"] is None and info["grade"] is None,
+            f"{where}: a running episode has no finish_reason/grade",
+        )
         _require(info["messages"], f"{where}: a running episode must send observation messages")
-        _require(obs == info["messages"][-1]["content"], f"{where}: obs must be the text of the last new message")
+        _require(
+            obs == info["messages"][-1]["content"],
+            f"{where}: obs must be the text of the last new message",
+        )
         _require(reward == 0.0, f"{where}: reward is given at the end only")
     return obs, reward, terminated, truncated, info
 
@@ -220,11 +288,16 @@ def _check_episode(env: gymnasium.Env, seed: int, actions: list[str]) -> None:
     env.reset(seed=seed)
     max_turns = getattr(env, "max_turns", len(actions))
     tool_calls = 0
-    for turn, action in enumerate(actions + [VOID_ACTION] * max(0, max_turns - len(actions)), start=1):
+    for turn, action in enumerate(
+        actions + [VOID_ACTION] * max(0, max_turns - len(actions)), start=1
+    ):
         *_, terminated, truncated, info = _check_step(env.step(action), f"step {turn}")
         _require(info["turn"] == turn, f"step {turn}: info['turn'] is {info['turn']}")
         tool_calls += len(info["tool_results"])
-        _require(info["tool_calls"] == tool_calls, f"step {turn}: tool_calls {info['tool_calls']} != {tool_calls} results so far")
+        _require(
+            info["tool_calls"] == tool_calls,
+            f"step {turn}: tool_calls {info['tool_calls']} != {tool_calls} results so far",
+        )
         if terminated or truncated:
             return
     raise AssertionError(f"the episode did not end within max_turns={max_turns} steps")
@@ -240,7 +313,9 @@ def _check_step_after_end(env: gymnasium.Env, seed: int) -> None:
         env.step(VOID_ACTION)
     except gymnasium.error.Error:
         return
-    raise AssertionError("step() after the episode ended must raise a gymnasium.error.Error (e.g. ResetNeeded)")
+    raise AssertionError(
+        "step() after the episode ended must raise a gymnasium.error.Error (e.g. ResetNeeded)"
+    )
 
 
 def _check_step_before_reset(env: gymnasium.Env) -> None:

@@ -34,7 +34,13 @@ from .datasets import DatasetError, Problem, load_dataset, problem_from_record
 from .grading import DEFAULT_TIMEOUT_S, EXTRACTIONS, Grade, grade
 from .prompts import DEFAULT_QUESTION_TEMPLATE, Message, build_messages
 
-FINISH_REASONS: tuple[str, ...] = ("answer", "max_turns", "void_turn", "tool_error", "sandbox_error")
+FINISH_REASONS: tuple[str, ...] = (
+    "answer",
+    "max_turns",
+    "void_turn",
+    "tool_error",
+    "sandbox_error",
+)
 INFO_KEYS: tuple[str, ...] = (
     "messages",
     "problem_id",
@@ -55,7 +61,9 @@ class TextSpace(spaces.Text):
     draws short alphanumeric strings (used by gymnasium's checker as a nonsense action).
     """
 
-    def __init__(self, max_length: int = 1_000_000, min_length: int = 0, seed: int | None = None) -> None:
+    def __init__(
+        self, max_length: int = 1_000_000, min_length: int = 0, seed: int | None = None
+    ) -> None:
         super().__init__(max_length=max_length, min_length=min_length, seed=seed)
 
     def contains(self, x: Any) -> bool:
@@ -147,18 +155,26 @@ class TextEnv(gymnasium.Env):
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         if answer_extraction not in EXTRACTIONS:
-            raise ValueError(f"answer_extraction must be one of {EXTRACTIONS}, got {answer_extraction!r}")
+            raise ValueError(
+                f"answer_extraction must be one of {EXTRACTIONS}, got {answer_extraction!r}"
+            )
         max_turns = self.default_max_turns if max_turns is None else int(max_turns)
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if max_observation_chars is not None and max_observation_chars < 0:
-            raise ValueError(f"max_observation_chars must be >= 0 or None, got {max_observation_chars}")
+            raise ValueError(
+                f"max_observation_chars must be >= 0 or None, got {max_observation_chars}"
+            )
         self.render_mode = render_mode
         self.dataset_name = str(dataset) if problems is None else "<problems>"
         self.split = split
-        self.problems: list[Problem] = self._load_problems(dataset, split, dataset_options, problems)
+        self.problems: list[Problem] = self._load_problems(
+            dataset, split, dataset_options, problems
+        )
         self._index = {problem.id: i for i, problem in enumerate(self.problems)}
         self.max_turns = max_turns
         self.instruction = self.default_instruction if instruction is None else instruction
@@ -210,7 +226,12 @@ class TextEnv(gymnasium.Env):
     def grade_answer(self, text: str) -> Grade:
         """Grade ``text`` against the current problem's answer (override for other answer kinds)."""
         assert self.problem is not None
-        return grade(text, self.problem.answer, extract=self.answer_extraction, timeout_s=self.grade_timeout_s)
+        return grade(
+            text,
+            self.problem.answer,
+            extract=self.answer_extraction,
+            timeout_s=self.grade_timeout_s,
+        )
 
     def end_episode(self) -> None:
         """Release per-episode resources (e.g. a sandbox session); called at the end and on reset."""
@@ -225,7 +246,9 @@ class TextEnv(gymnasium.Env):
 
     # ------------------------------------------------------------------ gymnasium API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """Start an episode. ``options``: ``problem_id`` (pin a problem by id), ``problem_index``
         (by position) or ``problem`` (a Problem or dict not in the dataset).
 
@@ -260,17 +283,27 @@ class TextEnv(gymnasium.Env):
                 "call env.reset() first"
             )
         if not isinstance(action, str):
-            raise TypeError(f"action must be the assistant's text (str), got {type(action).__name__}")
+            raise TypeError(
+                f"action must be the assistant's text (str), got {type(action).__name__}"
+            )
         self.turn += 1
         self.transcript.append({"role": "assistant", "content": action})
         outcome = self.take_turn(action)
         self.tool_calls += len(outcome.tool_results)
-        self._consecutive_tool_errors = self._consecutive_tool_errors + 1 if outcome.tool_error else 0
+        self._consecutive_tool_errors = (
+            self._consecutive_tool_errors + 1 if outcome.tool_error else 0
+        )
 
         finish, truncated = outcome.finish_reason, False
         if finish is not None and finish not in FINISH_REASONS:
-            raise ValueError(f"{type(self).__name__}.take_turn returned unknown finish_reason {finish!r}")
-        if finish is None and self.max_tool_errors is not None and self._consecutive_tool_errors >= self.max_tool_errors:
+            raise ValueError(
+                f"{type(self).__name__}.take_turn returned unknown finish_reason {finish!r}"
+            )
+        if (
+            finish is None
+            and self.max_tool_errors is not None
+            and self._consecutive_tool_errors >= self.max_tool_errors
+        ):
             finish = "tool_error"
         if finish is None and self.turn >= self.max_turns:
             finish, truncated = "max_turns", True
@@ -317,7 +350,9 @@ class TextEnv(gymnasium.Env):
             return self.grade_answer(answer_text)
         return Grade("wrong", None, self.problem.answer, f"no answer ({finish})")
 
-    def _info(self, messages: list[Message], result_grade: Grade | None, tool_results: list[dict]) -> dict[str, Any]:
+    def _info(
+        self, messages: list[Message], result_grade: Grade | None, tool_results: list[dict]
+    ) -> dict[str, Any]:
         assert self.problem is not None
         return {
             "messages": messages,
@@ -333,10 +368,16 @@ class TextEnv(gymnasium.Env):
     def _choose_problem(self, options: dict[str, Any]) -> Problem:
         unknown = set(options) - {"problem_id", "problem_index", "problem"}
         if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: problem_id, problem_index, problem")
+            raise ValueError(
+                f"unknown reset option(s) {sorted(unknown)}; known: problem_id, problem_index, problem"
+            )
         if "problem" in options:
             given = options["problem"]
-            return given if isinstance(given, Problem) else problem_from_record(dict(given), where="options['problem']")
+            return (
+                given
+                if isinstance(given, Problem)
+                else problem_from_record(dict(given), where="options['problem']")
+            )
         if "problem_id" in options:
             pid = str(options["problem_id"])
             if pid not in self._index:
@@ -344,12 +385,16 @@ class TextEnv(gymnasium.Env):
 
                 close = difflib.get_close_matches(pid, list(self._index), n=3)
                 hint = f"; close: {close}" if close else ""
-                raise KeyError(f"problem_id {pid!r} is not in dataset {self.dataset_name!r} ({len(self.problems)} problems){hint}")
+                raise KeyError(
+                    f"problem_id {pid!r} is not in dataset {self.dataset_name!r} ({len(self.problems)} problems){hint}"
+                )
             return self.problems[self._index[pid]]
         if "problem_index" in options:
             index = int(options["problem_index"])
             if not 0 <= index < len(self.problems):
-                raise IndexError(f"problem_index {index} out of range for {len(self.problems)} problems")
+                raise IndexError(
+                    f"problem_index {index} out of range for {len(self.problems)} problems"
+                )
             return self.problems[index]
         return self.problems[int(self.np_random.integers(len(self.problems)))]
 
@@ -357,7 +402,9 @@ class TextEnv(gymnasium.Env):
     def _load_problems(dataset, split, dataset_options, problems) -> list[Problem]:
         if problems is not None:
             loaded = [
-                p if isinstance(p, Problem) else problem_from_record(dict(p), where=f"problems[{i}]")
+                p
+                if isinstance(p, Problem)
+                else problem_from_record(dict(p), where=f"problems[{i}]")
                 for i, p in enumerate(problems)
             ]
         else:
@@ -372,4 +419,3 @@ class TextEnv(gymnasium.Env):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dataset={self.dataset_name!r}, split={self.split!r}, problems={len(self.problems)}, max_turns={self.max_turns})"
-

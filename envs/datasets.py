@@ -107,7 +107,9 @@ def register_generator(name: str, generator: Callable[..., list[Problem]]) -> No
 
 def available_datasets() -> list[str]:
     """Every name :func:`load_dataset` accepts (besides file paths)."""
-    groups = sorted({name.rsplit("_", 1)[0] for name in BUNDLED if name.endswith(("_train", "_test"))})
+    groups = sorted(
+        {name.rsplit("_", 1)[0] for name in BUNDLED if name.endswith(("_train", "_test"))}
+    )
     return sorted(set(BUNDLED) | set(_GENERATORS) | set(groups))
 
 
@@ -117,7 +119,9 @@ _cache: dict[tuple[str, float, int], tuple[Problem, ...]] = {}
 _cache_lock = threading.Lock()
 
 
-def load_dataset(name_or_path: str | os.PathLike, split: str | None = None, **options: Any) -> list[Problem]:
+def load_dataset(
+    name_or_path: str | os.PathLike, split: str | None = None, **options: Any
+) -> list[Problem]:
     """Load a problem set by bundled name, procedural generator name, or JSONL path.
 
     Args:
@@ -190,11 +194,17 @@ def _parse_jsonl(path: Path) -> Iterable[Problem]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DatasetError(
+                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
             if not isinstance(record, dict):
                 raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            problem = problem_from_record(record, where=where, default_id=f"{default_source}-{lineno}",
-                                          default_source=default_source)
+            problem = problem_from_record(
+                record,
+                where=where,
+                default_id=f"{default_source}-{lineno}",
+                default_source=default_source,
+            )
             if problem.id in seen:
                 raise DatasetError(
                     f"{where}: duplicate id {problem.id!r} (first on line {seen[problem.id]})"
@@ -204,7 +214,10 @@ def _parse_jsonl(path: Path) -> Iterable[Problem]:
 
 
 def problem_from_record(
-    record: dict[str, Any], *, where: str = "record", default_id: str | None = None,
+    record: dict[str, Any],
+    *,
+    where: str = "record",
+    default_id: str | None = None,
     default_source: str = "",
 ) -> Problem:
     """Validate one record (dict) and build a Problem; errors name ``where`` and the id."""
@@ -222,7 +235,9 @@ def problem_from_record(
     if not isinstance(answer, str) or not answer.strip():
         raise DatasetError(f"{where}: problem {pid!r} has no 'answer' (a non-empty string)")
     source = record.pop("source", None) or default_source
-    return Problem(id=pid, question=question, answer=answer.strip(), source=str(source), metadata=record)
+    return Problem(
+        id=pid, question=question, answer=answer.strip(), source=str(source), metadata=record
+    )
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike) -> Path:

@@ -24,6 +24,7 @@ timeout or crash, or a reference that does not parse, is ``unverifiable``: the c
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -214,15 +215,11 @@ class _VerifierProcess:
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         for stream in (self.process.stdin, self.process.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 stream.close()
-            except OSError:
-                pass
 
 
 class VerifierPool:
@@ -265,7 +262,10 @@ class VerifierPool:
             if reply is None:
                 self._discard(worker)
                 worker = None
-                return {"status": "unverifiable", "detail": f"verifier timed out after {timeout_s:g} s"}
+                return {
+                    "status": "unverifiable",
+                    "detail": f"verifier timed out after {timeout_s:g} s",
+                }
         finally:
             self._idle.put(worker)
         if reply.get("status") in ("correct", "wrong"):
@@ -292,7 +292,9 @@ class VerifierPool:
         """Start every process now (in parallel) instead of on first use."""
         workers = [self._idle.get() for _ in range(self.size)]
         try:
-            workers = [w if w is not None and w.process.poll() is None else self._spawn(w) for w in workers]
+            workers = [
+                w if w is not None and w.process.poll() is None else self._spawn(w) for w in workers
+            ]
             for w in workers:
                 w.wait_ready()
         finally:

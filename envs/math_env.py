@@ -1,11 +1,11 @@
 """MathEnv (``alp/Math-v0``): single-turn maths. One step: the answer is graded, the episode ends.
 
-    >>> import envs
-    >>> env = envs.make("alp/Math-v0", dataset="gsm8k", split="test")
-    >>> _, info = env.reset(options={"problem_id": "gsm8k-test-0"})
-    >>> _, reward, terminated, truncated, info = env.step("\\\\boxed{18}")
-    >>> reward, terminated, truncated, info["messages"]
-    (1.0, True, False, [])
+>>> import envs
+>>> env = envs.make("alp/Math-v0", dataset="gsm8k", split="test")
+>>> _, info = env.reset(options={"problem_id": "gsm8k-test-0"})
+>>> _, reward, terminated, truncated, info = env.step("\\\\boxed{18}")
+>>> reward, terminated, truncated, info["messages"]
+(1.0, True, False, [])
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class MathEnv(TextEnv):
 
     def __init__(self, dataset: str = "math500", split: str | None = None, **kwargs: Any) -> None:
         if kwargs.get("max_turns", 1) != 1:
-            raise ValueError("MathEnv is single-turn: max_turns must be 1 (use alp/PythonTool-v0 for multi-turn)")
+            raise ValueError(
+                "MathEnv is single-turn: max_turns must be 1 (use alp/PythonTool-v0 for multi-turn)"
+            )
         kwargs["max_turns"] = 1
         super().__init__(dataset, split, **kwargs)
 

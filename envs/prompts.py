@@ -20,8 +20,7 @@ from collections.abc import Sequence
 Message = dict[str, str]
 
 MATH_INSTRUCTION = (
-    "Solve the following math problem step by step. "
-    "Put your final answer within \\boxed{}."
+    "Solve the following math problem step by step. Put your final answer within \\boxed{}."
 )
 
 PYTHON_TOOL_INSTRUCTION = (
@@ -37,7 +36,9 @@ CODE_RESULT_TEMPLATE = "Code execution result: {output}"
 DEFAULT_QUESTION_TEMPLATE = "{instruction}\n\n{question}"
 
 
-def format_question(question: str, instruction: str | None, template: str = DEFAULT_QUESTION_TEMPLATE) -> str:
+def format_question(
+    question: str, instruction: str | None, template: str = DEFAULT_QUESTION_TEMPLATE
+) -> str:
     """The user message for ``question`` (the instruction prepended, as in the release)."""
     if not instruction:
         return question
@@ -58,7 +59,9 @@ def python_tool_one_shot(
     ]
 
 
-def math_one_shot(instruction: str | None, template: str = DEFAULT_QUESTION_TEMPLATE) -> list[Message]:
+def math_one_shot(
+    instruction: str | None, template: str = DEFAULT_QUESTION_TEMPLATE
+) -> list[Message]:
     """A solved example for single-turn maths: short reasoning, boxed answer."""
     return [
         {"role": "user", "content": format_question("What is 15% of 80?", instruction, template)},

@@ -139,7 +139,12 @@ class PythonToolEnv(TextEnv):
             return TurnOutcome(finish_reason="void_turn")
         result = self._execute(block.code)
         observation = self.observation_text(result)
-        tool_result = {"name": "python", "code": block.code, "observation": observation, **result.to_dict()}
+        tool_result = {
+            "name": "python",
+            "code": block.code,
+            "observation": observation,
+            **result.to_dict(),
+        }
         if result.status == "sandbox_error":
             assert self.problem is not None
             detail = f"sandbox error: {last_line(result.stderr) or 'infrastructure failure'}"
@@ -149,7 +154,9 @@ class PythonToolEnv(TextEnv):
                 grade=Grade("unverifiable", None, self.problem.answer, detail),
             )
         if extract_boxed(result.stdout) is not None:
-            return TurnOutcome(tool_results=[tool_result], finish_reason="answer", answer_text=result.stdout)
+            return TurnOutcome(
+                tool_results=[tool_result], finish_reason="answer", answer_text=result.stdout
+            )
         return TurnOutcome(
             messages=[self.observation_message(observation)],
             tool_results=[tool_result],
@@ -161,7 +168,9 @@ class PythonToolEnv(TextEnv):
         output = last_line(result.stderr) if result.stderr.strip() else result.stdout.strip("\n")
         if result.status == "timeout" and not output:
             output = f"TimeoutError: execution took longer than {self.limits.timeout_s:g} s"
-        output = truncate_middle(output, self.max_observation_chars) if output else self.empty_output
+        output = (
+            truncate_middle(output, self.max_observation_chars) if output else self.empty_output
+        )
         return self.result_template.format(output=output)
 
     def _execute(self, code: str) -> ExecutionResult:

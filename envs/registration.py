@@ -52,7 +52,9 @@ class UnknownEnvError(UnregisteredEnv, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def register(id: str, entry_point: str | Callable[..., gymnasium.Env], *, force: bool = False, **kwargs: Any) -> None:
+def register(
+    id: str, entry_point: str | Callable[..., gymnasium.Env], *, force: bool = False, **kwargs: Any
+) -> None:
     """Register a text environment under ``id``.
 
     Args:
@@ -66,7 +68,11 @@ def register(id: str, entry_point: str | Callable[..., gymnasium.Env], *, force:
     """
     with _lock:
         existing = gymnasium.registry.get(id)
-        if existing is not None and not force and _entry_point_name(existing.entry_point) != _entry_point_name(entry_point):
+        if (
+            existing is not None
+            and not force
+            and _entry_point_name(existing.entry_point) != _entry_point_name(entry_point)
+        ):
             raise ValueError(
                 f"environment id {id!r} is already registered with entry point "
                 f"{_entry_point_name(existing.entry_point)!r}; pass force=True to replace it"
@@ -133,7 +139,10 @@ def discover_plugins(force: bool = False) -> list[str]:
                 if known_ep != entry_point.value:
                     logger.warning(
                         "entry point %s = %s (%s) ignored: the id is already registered to %s",
-                        entry_point.name, entry_point.value, origin, known_ep,
+                        entry_point.name,
+                        entry_point.value,
+                        origin,
+                        known_ep,
                     )
                 continue
             register(entry_point.name, entry_point.value)

@@ -1,9 +1,9 @@
 """Small pure text helpers shared by the environments (code blocks, head+tail truncation).
 
-    >>> find_code_block("Let me compute.\\n```python\\nprint(6 * 7)\\n```\\n")
-    CodeBlock(code='print(6 * 7)', start=16, end=44)
-    >>> truncate_middle("a" * 10 + "b" * 10, 12)
-    'aaaaaa\\n...[8 characters omitted]...\\nbbbbbb'
+>>> find_code_block("Let me compute.\\n```python\\nprint(6 * 7)\\n```\\n")
+CodeBlock(code='print(6 * 7)', start=16, end=44)
+>>> truncate_middle("a" * 10 + "b" * 10, 12)
+'aaaaaa\\n...[8 characters omitted]...\\nbbbbbb'
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ PYTHON_FENCE_LANGUAGES = ("python", "py", "python3")
 
 # Opening fence: ``` + a python language tag + end of line. Closing fence: the next ``` (normally
 # at the start of a line; a small model sometimes glues it to the last line of code).
-_OPEN_RE = re.compile(r"```[ \t]*(?:" + "|".join(PYTHON_FENCE_LANGUAGES) + r")[ \t]*\r?\n", re.IGNORECASE)
+_OPEN_RE = re.compile(
+    r"```[ \t]*(?:" + "|".join(PYTHON_FENCE_LANGUAGES) + r")[ \t]*\r?\n", re.IGNORECASE
+)
 _CLOSE = "```"
 
 
@@ -38,10 +40,14 @@ def find_code_block(text: str) -> CodeBlock | None:
     if close < 0:
         return None
     code = text[opening.end() : close]
-    return CodeBlock(code=code.rstrip("\n").rstrip("\r"), start=opening.start(), end=close + len(_CLOSE))
+    return CodeBlock(
+        code=code.rstrip("\n").rstrip("\r"), start=opening.start(), end=close + len(_CLOSE)
+    )
 
 
-def truncate_middle(text: str, max_chars: int | None, marker: str = "\n...[{n} characters omitted]...\n") -> str:
+def truncate_middle(
+    text: str, max_chars: int | None, marker: str = "\n...[{n} characters omitted]...\n"
+) -> str:
     """Keep the head and tail of ``text`` (``max_chars`` in total) with a visible marker between.
 
     The marker says how many characters were dropped; ``None`` or a text that fits is returned

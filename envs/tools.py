@@ -32,6 +32,7 @@ model can react to; it never crashes the episode. See docs/examples/unit_convert
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import json
@@ -80,7 +81,9 @@ def _json_schema(annotation: Any, where: str) -> dict[str, Any]:
         return schema
     if annotation is dict or origin is dict:
         return {"type": "object"}
-    raise TypeError(f"{where}: cannot describe type {annotation!r} as JSON schema (use int, float, str, bool, list, dict, Literal)")
+    raise TypeError(
+        f"{where}: cannot describe type {annotation!r} as JSON schema (use int, float, str, bool, list, dict, Literal)"
+    )
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -129,7 +132,11 @@ class Tool:
         """The OpenAI / chat-template "function" tool description."""
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
         }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -138,23 +145,37 @@ class Tool:
     def validate(self, arguments: Any) -> dict[str, Any]:
         """Check (and coerce int -> float) the model's arguments; raises ToolCallError."""
         if not isinstance(arguments, dict):
-            raise ToolCallError(f"{self.name}: 'arguments' must be a JSON object, got {type(arguments).__name__}")
+            raise ToolCallError(
+                f"{self.name}: 'arguments' must be a JSON object, got {type(arguments).__name__}"
+            )
         properties = self.parameters["properties"]
         unknown = sorted(set(arguments) - set(properties))
         if unknown:
-            raise ToolCallError(f"{self.name}: unknown argument(s) {unknown}; expected {sorted(properties)}")
+            raise ToolCallError(
+                f"{self.name}: unknown argument(s) {unknown}; expected {sorted(properties)}"
+            )
         missing = [name for name in self.parameters["required"] if name not in arguments]
         if missing:
             raise ToolCallError(f"{self.name}: missing required argument(s) {missing}")
-        return {name: _check_value(value, properties[name], f"{self.name}: argument {name!r}") for name, value in arguments.items()}
+        return {
+            name: _check_value(value, properties[name], f"{self.name}: argument {name!r}")
+            for name, value in arguments.items()
+        }
 
     def call(self, arguments: Any) -> Any:
         """Validate ``arguments`` and run the tool."""
         return self.function(**self.validate(arguments))
 
 
-_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "a boolean",
-               "array": "an array", "object": "an object", "null": "null"}
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "a boolean",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
 
 
 def _check_value(value: Any, schema: dict[str, Any], where: str) -> Any:
@@ -181,7 +202,9 @@ def _check_value(value: Any, schema: dict[str, Any], where: str) -> Any:
         "null": value is None,
     }[kind]
     if not ok:
-        raise ToolCallError(f"{where} must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}")
+        raise ToolCallError(
+            f"{where} must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}"
+        )
     if kind == "number":
         return float(value)
     if kind == "array" and "items" in schema:
@@ -189,7 +212,12 @@ def _check_value(value: Any, schema: dict[str, Any], where: str) -> Any:
     return value
 
 
-def tool(function: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None):
+def tool(
+    function: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+):
     """Turn a typed, documented function into a :class:`Tool` (usable bare or with options).
 
     Every parameter needs a type annotation; parameters without a default are required. The
@@ -229,7 +257,9 @@ def tool(function: Callable[..., Any] | None = None, *, name: str | None = None,
 # ----------------------------------------------------------------------------- calls in text
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.DOTALL)
+_CALL_RE = re.compile(
+    re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.DOTALL
+)
 
 
 @dataclass(frozen=True)
@@ -259,19 +289,25 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
         try:
             payload = json.loads(raw)
         except json.JSONDecodeError as exc:
-            calls.append(ToolCall(raw, error=f"the tool call is not valid JSON: {exc.msg} at column {exc.colno}"))
+            calls.append(
+                ToolCall(
+                    raw, error=f"the tool call is not valid JSON: {exc.msg} at column {exc.colno}"
+                )
+            )
             continue
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            calls.append(ToolCall(raw, error='a tool call must be {"name": <tool name>, "arguments": {...}}'))
+            calls.append(
+                ToolCall(raw, error='a tool call must be {"name": <tool name>, "arguments": {...}}')
+            )
             continue
         arguments = payload.get("arguments", payload.get("parameters", {}))
         if isinstance(arguments, str):  # some models double-encode the arguments
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
         if not isinstance(arguments, dict):
-            calls.append(ToolCall(raw, name=payload["name"], error="'arguments' must be a JSON object"))
+            calls.append(
+                ToolCall(raw, name=payload["name"], error="'arguments' must be a JSON object")
+            )
             continue
         calls.append(ToolCall(raw, name=payload["name"], arguments=arguments))
     return calls
@@ -319,7 +355,9 @@ class ToolEnv(TextEnv):
         super().__init__(dataset, split, max_tool_errors=max_tool_errors, **kwargs)
         self.tools = list(tools if tools is not None else type(self).tools)
         if not self.tools:
-            raise ValueError(f"{type(self).__name__} has no tools: set the class attribute or pass tools=[...]")
+            raise ValueError(
+                f"{type(self).__name__} has no tools: set the class attribute or pass tools=[...]"
+            )
         for t in self.tools:
             if not isinstance(t, Tool):
                 raise TypeError(f"{t!r} is not a Tool; decorate the function with @envs.tool")
@@ -346,12 +384,20 @@ class ToolEnv(TextEnv):
             return TurnOutcome(finish_reason="void_turn")
         results, texts = [], []
         for index, call in enumerate(calls):
-            result = self.run_call(call) if index < self.max_calls_per_turn else {
-                "name": call.name, "arguments": call.arguments, "status": "error",
-                "error": f"at most {self.max_calls_per_turn} tool calls per turn",
-            }
+            result = (
+                self.run_call(call)
+                if index < self.max_calls_per_turn
+                else {
+                    "name": call.name,
+                    "arguments": call.arguments,
+                    "status": "error",
+                    "error": f"at most {self.max_calls_per_turn} tool calls per turn",
+                }
+            )
             results.append(result)
-            texts.append(f"Error: {result['error']}" if result["status"] == "error" else result["output"])
+            texts.append(
+                f"Error: {result['error']}" if result["status"] == "error" else result["output"]
+            )
         content = "\n".join(f"<tool_response>\n{text}\n</tool_response>" for text in texts)
         return TurnOutcome(
             messages=[self.observation_message(content)],
@@ -366,16 +412,26 @@ class ToolEnv(TextEnv):
             return {**result, "status": "error", "error": call.error}
         chosen = self.tools_by_name.get(call.name)
         if chosen is None:
-            return {**result, "status": "error", "error": f"unknown tool {call.name!r}; available: {sorted(self.tools_by_name)}"}
+            return {
+                **result,
+                "status": "error",
+                "error": f"unknown tool {call.name!r}; available: {sorted(self.tools_by_name)}",
+            }
         try:
             value = chosen.call(call.arguments)
         except ToolCallError as exc:
             return {**result, "status": "error", "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a tool failing on the model's input is an observation
-            return {**result, "status": "error", "error": f"{call.name} raised {type(exc).__name__}: {exc}"}
+            return {
+                **result,
+                "status": "error",
+                "error": f"{call.name} raised {type(exc).__name__}: {exc}",
+            }
         output = truncate_middle(self.format_result(value), self.max_observation_chars)
         return {**result, "status": "ok", "output": output}
 
     def format_result(self, value: Any) -> str:
         """The text the model sees for a tool's return value (str as is, else JSON)."""
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        return (
+            value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        )
