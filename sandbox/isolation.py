@@ -462,12 +462,44 @@ DENIED_SYSCALLS = (
 )  # fmt: skip
 
 
-def build_seccomp_filter():
-    """A compiled-once pyseccomp filter (loaded per kernel after the uid drop), or None."""
-    import pyseccomp
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for name in DENIED_SYSCALLS:
-        with contextlib.suppress(Exception):  # syscall unknown on this architecture
-            filt.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
-    return filt
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+class SeccompProgram:
+    """The deny-list filter, compiled to BPF once in the server.
+
+    libseccomp's ``load()`` recompiles the filter on every call (~0.7 ms, a sixth of a whole
+    stateless run); the kernels instead install the exported program with one ``prctl``.
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        import pyseccomp
+
+        filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        for name in DENIED_SYSCALLS:
+            with contextlib.suppress(Exception):  # syscall unknown on this architecture
+                filt.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        with tempfile.TemporaryFile() as f:
+            filt.export_bpf(f)
+            f.seek(0)
+            code = f.read()
+        if not code or len(code) % 8:
+            raise OSError(errno.EINVAL, "libseccomp exported an empty or malformed program")
+        self._buffer = ctypes.create_string_buffer(code, len(code))
+        self._program = _SockFprog(len(code) // 8, ctypes.cast(self._buffer, ctypes.c_void_p))
+
+    def load(self) -> None:
+        """Install the filter on the calling process (irreversible; inherited by children)."""
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        _check(
+            _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._program), 0, 0),
+            "prctl(PR_SET_SECCOMP)",
+        )

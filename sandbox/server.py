@@ -116,7 +116,7 @@ class Server:
         self.cgroup_manager = isolation.CgroupManager(launcher_pid, report)
         self.seccomp_filter = None
         try:
-            self.seccomp_filter = isolation.build_seccomp_filter()
+            self.seccomp_filter = isolation.SeccompProgram()
             report.seccomp = True
         except Exception as exc:  # pyseccomp or libseccomp missing
             report.notes.append(f"seccomp: {exc}")
@@ -131,10 +131,14 @@ class Server:
         self.spare: Kernel | None = None
         self.spare_limits: Limits | None = None
         self.after_reply: list[Kernel] = []
+        self.dying: dict[int, Kernel] = {}  # killed, not yet reaped (pid -> kernel)
+        self.draining: list[Kernel] = []  # killed; their slot is free once it is empty
 
     # -------------------------------------------------------------- kernels
 
     def spawn(self, limits: Limits) -> Kernel:
+        if not self.free_slots:
+            self._reclaim_slots(wait_s=2.0)
         if not self.free_slots:
             raise RuntimeError("no free slot (too many open sessions on this worker)")
         slot = self.free_slots.pop()
@@ -176,7 +180,10 @@ class Server:
     def _alive(self, kernel: Kernel) -> bool:
         if kernel.wait_status is not None:
             return False
-        pid, status = os.waitpid(kernel.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(kernel.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = kernel.pid, 0
         if pid:
             kernel.wait_status = status
             return False
@@ -197,7 +204,6 @@ class Server:
 
     def reap_orphans(self) -> None:
         """PID 1 duty: collect re-parented grandchildren, remember our kernels' statuses."""
-        by_pid = {k.pid: k for k in self.kernels.values()}
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -205,33 +211,59 @@ class Server:
                 return
             if pid == 0:
                 return
-            if pid in by_pid:
-                by_pid[pid].wait_status = status
+            kernel = self.dying.pop(pid, None) or self._by_pid.get(pid)
+            if kernel is not None:
+                kernel.wait_status = status
+
+    @property
+    def _by_pid(self) -> dict[int, Kernel]:
+        return {k.pid: k for k in self.kernels.values()}
 
     def kill(self, kernel: Kernel) -> None:
-        """Kill the kernel and everything it started; free its slot."""
+        """SIGKILL the kernel and everything it started, without waiting for them to exit.
+
+        Every process listed in the slot is signalled until no new one appears; a process
+        with a pending SIGKILL cannot fork any more, so this converges even for fork bombs.
+        The slot is reused only once it is empty (see ``_reclaim_slots``).
+        """
         with contextlib.suppress(ProcessLookupError):
             os.kill(kernel.pid, signal.SIGKILL)
-        for attempt in range(200):
-            pids = [
-                p for p in self._slot_pids(kernel) if p != kernel.pid or kernel.wait_status is None
-            ]
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.reap_orphans()
-            time.sleep(0.0005 * min(attempt + 1, 20))
-        if kernel.wait_status is None:
-            with contextlib.suppress(ChildProcessError):
-                _, kernel.wait_status = os.waitpid(kernel.pid, 0)
-        self.reap_orphans()
+        self._kill_slot(kernel)
         for fd in kernel.fds():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.kernels.pop(kernel.kid, None)
-        self.free_slots.append(kernel.slot)
+        if kernel.wait_status is None:
+            self.dying[kernel.pid] = kernel
+        self.draining.append(kernel)
+
+    def _kill_slot(self, kernel: Kernel) -> list[int]:
+        signalled: set[int] = set()
+        while True:
+            fresh = [p for p in self._slot_pids(kernel) if p not in signalled]
+            if not fresh:
+                return sorted(signalled)
+            for pid in fresh:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            signalled.update(fresh)
+
+    def _reclaim_slots(self, wait_s: float = 0.0) -> None:
+        """Return drained slots (no process left) to the free list."""
+        deadline = time.monotonic() + wait_s
+        while self.draining:
+            still = []
+            for kernel in self.draining:
+                if self._slot_pids(kernel):
+                    self._kill_slot(kernel)
+                    still.append(kernel)
+                else:
+                    self.free_slots.append(kernel.slot)
+            self.draining = still
+            self.reap_orphans()
+            if not still or time.monotonic() >= deadline:
+                return
+            time.sleep(0.002)
 
     def execute(self, kernel: Kernel, code: str, limits: Limits, filename: str) -> dict:
         """Run one cell in ``kernel``; returns an ExecutionResult dict. Kills the kernel on
@@ -326,6 +358,7 @@ class Server:
         if kernel.wait_status is None:
             with contextlib.suppress(ChildProcessError):
                 _, kernel.wait_status = os.waitpid(kernel.pid, 0)
+        self.dying.pop(kernel.pid, None)
         status = kernel.wait_status or 0
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
@@ -397,6 +430,7 @@ class Server:
             if kernel.kid in self.kernels:
                 self.kill(kernel)
         self.reap_orphans()
+        self._reclaim_slots()
         if self.spare is None and self.spare_limits is not None and self.free_slots:
             self.spare = self.spawn(self.spare_limits)
 
@@ -430,6 +464,7 @@ class Server:
         self.spare = None
         for kernel in list(self.kernels.values()):
             self.kill(kernel)
+        self._reclaim_slots(wait_s=2.0)
         for cgroups in self.slot_cgroups.values():
             cgroups.remove()
 
