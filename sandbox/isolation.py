@@ -197,7 +197,8 @@ def hide_directories(hidden: list[str], keep: list[str], staging: str) -> list[s
         protected |= _ancestors_or_self(system_dir)
     done = []
     for target in sorted({os.path.realpath(h) for h in hidden}):
-        if target in protected or not os.path.isdir(target):
+        inside_system = any(target.startswith(d + "/") for d in _SYSTEM_DIRS)
+        if target in protected or inside_system or not os.path.isdir(target):
             continue
         inside = sorted(
             {

@@ -76,20 +76,26 @@ class _Worker:
     # The caller holds self.lock for everything below.
 
     def start(self) -> None:
+        self._log = tempfile.TemporaryFile(prefix="alp-sandbox-server-")  # noqa: SIM115
+        self.process, self.request_w, self.reply_r = self._launch()
+        hello = self._read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
+        if not hello or not hello.get("hello"):
+            log = self.log_tail()
+            self.stop()
+            raise RuntimeError(f"sandbox server failed to start; its log ends with:\n{log}")
+        self.launcher_pid = hello["launcher_pid"]
+        self.isolation = isolation.IsolationReport.from_dict(hello["isolation"])
+        self.generation += 1
+
+    def _launch(self) -> tuple[subprocess.Popen, int, int]:
+        """Start the server; returns (process, fd to write requests, fd to read replies)."""
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        self._log = tempfile.TemporaryFile(prefix="alp-sandbox-server-")  # noqa: SIM115
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(SCRUBBED_ENV, PYTHONPATH=package_parent)
-        command = [
-            *self.server_command,
-            "--request-fd",
-            str(request_r),
-            "--reply-fd",
-            str(reply_w),
-        ]
+        command = [*self.server_command, "--request-fd", str(request_r), "--reply-fd", str(reply_w)]
         try:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 command,
                 env=env,
                 cwd="/",
@@ -102,15 +108,12 @@ class _Worker:
         finally:
             os.close(request_r)
             os.close(reply_w)
-        self.request_w, self.reply_r = request_w, reply_r
-        hello = self._read_reply(time.monotonic() + STARTUP_TIMEOUT_S)
-        if not hello or not hello.get("hello"):
-            log = self.log_tail()
-            self.stop()
-            raise RuntimeError(f"sandbox server failed to start; its log ends with:\n{log}")
-        self.launcher_pid = hello["launcher_pid"]
-        self.isolation = isolation.IsolationReport.from_dict(hello["isolation"])
-        self.generation += 1
+        return process, request_w, reply_r
+
+    def _after_stop(self, process: subprocess.Popen) -> None:
+        """Clean-up once the server is gone: the launcher removes its cgroups itself, but
+        not if it was killed."""
+        isolation.CgroupManager.remove_all(self.launcher_pid or process.pid)
 
     def log_tail(self, n: int = 2000) -> str:
         if self._log is None:
@@ -165,8 +168,7 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        # The launcher removes the cgroups; if it was killed, do it here.
-        isolation.CgroupManager.remove_all(self.launcher_pid or process.pid)
+        self._after_stop(process)
         for fd in (self.request_w, self.reply_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -209,12 +211,16 @@ class LocalSandbox:
         hide = list(hide_paths) if hide_paths is not None else [os.getcwd()]
         for path in hide:
             command += ["--hide", os.path.abspath(path)]
-        self._workers = [_Worker(command, i) for i in range(self.n_workers)]
+        self._server_command = command
+        self._workers = [self._make_worker(i) for i in range(self.n_workers)]
         self._pool_lock = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
         self._rr = 0
+
+    def _make_worker(self, index: int) -> _Worker:
+        return _Worker(self._server_command, index)
 
     # -------------------------------------------------------------- lifecycle
 
