@@ -435,9 +435,30 @@ def drop_privileges(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
+# A session's kernel accumulates CPU time over many calls, so the hard CPU limit is this many
+# times the per-call budget and the soft limit is re-armed before every call (see
+# ``arm_cpu_limit``). The wall-clock timeout bounds each call in any case.
+CPU_HARD_FACTOR = 20
+
+
+def cpu_hard_limit(cpu_s: float) -> int:
+    return int(cpu_s * CPU_HARD_FACTOR) + 2
+
+
+def arm_cpu_limit(cpu_s: float) -> None:
+    """Allow ``cpu_s`` more CPU seconds from now (SIGXCPU after that), within the hard limit."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = usage.ru_utime + usage.ru_stime
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    soft = int(used + cpu_s + 0.999)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (max(1, soft), hard))
+
+
 def apply_rlimits(cpu_s: float, max_file_mb: int, max_processes: int, uid_dropped: bool) -> None:
-    cpu = max(1, int(cpu_s + 0.999))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    hard = cpu_hard_limit(cpu_s)
+    resource.setrlimit(resource.RLIMIT_CPU, (min(hard, max(1, int(cpu_s + 0.999))), hard))
     size = max_file_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

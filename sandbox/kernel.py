@@ -140,6 +140,8 @@ def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
             message = protocol.read_message(CODE_FD)
         except protocol.ProtocolError:
             os._exit(0)
+        with contextlib.suppress(OSError, ValueError):
+            isolation.arm_cpu_limit(setup.limits.cpu_s)
         done = _run_cell(message["code"], message.get("filename", "<snippet>"), namespace)
         try:
             protocol.write_message(DONE_FD, done)

@@ -307,3 +307,14 @@ def test_head_tail_buffer():
     assert buf.truncated and buf.total == 16
     value = buf.getvalue()
     assert value.startswith(b"0123") and value.endswith(b"cdef") and b"8 bytes truncated" in value
+
+
+def test_session_cpu_budget_is_per_call_not_per_session():
+    limits = Limits(timeout_s=10.0, cpu_s=1.0)  # generous wall time: the CPU is shared
+    with LocalSandbox(limits=limits, workers=1) as sb, sb.session() as s:
+        burn = (
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5:\n    pass\n"
+        )
+        # 3 x 0.5 s of CPU > the 1 s per-call budget, but each call stays within it
+        assert [s.run(burn).status for _ in range(3)] == ["ok"] * 3
+        assert s.run("while True:\n    pass\n").status == "timeout"
