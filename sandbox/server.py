@@ -273,6 +273,7 @@ class Server:
         for fd in (kernel.out_r, kernel.err_r):  # discard what background threads left over
             _drain(fd, None)
         oom_before = kernel.cgroups.oom_kills() if kernel.cgroups else 0
+        fail_before = kernel.cgroups.failcnt() if kernel.cgroups else 0
         start = time.monotonic()
         deadline = start + limits.timeout_s
         done = None
@@ -309,7 +310,7 @@ class Server:
             self.kill(kernel)
         _drain(kernel.out_r, out)
         _drain(kernel.err_r, err)
-        status, exit_code = self._classify(kernel, done, verdict, oom_before)
+        status, exit_code = self._classify(kernel, done, verdict, oom_before, fail_before)
         if done is not None and "setup_error" in done:
             status, exit_code = "sandbox_error", None
             err.write(f"sandbox error: kernel set-up failed: {done['setup_error']}\n".encode())
@@ -341,7 +342,7 @@ class Server:
             "truncated": out.truncated or err.truncated or status == "output_limit",
         }
 
-    def _classify(self, kernel, done, verdict, oom_before):
+    def _classify(self, kernel, done, verdict, oom_before, fail_before):
         oom = kernel.cgroups is not None and kernel.cgroups.oom_kills() > oom_before
         if done is not None and "setup_error" not in done:
             exit_code = int(done.get("exit") or 0) if isinstance(done.get("exit"), int) else 1
@@ -350,6 +351,8 @@ class Server:
             if done.get("exc") == "RecursionError" or exit_code != 0:
                 return "error", exit_code
             return ("ok" if exit_code == 0 else "error"), exit_code
+        if verdict == "timeout" and kernel.cgroups and kernel.cgroups.failcnt() > fail_before:
+            return "memory", None  # timed out while pressed against its memory limit
         if verdict in ("timeout", "output_limit"):
             return verdict, None
         if done is not None:  # setup_error
