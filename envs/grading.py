@@ -143,6 +143,16 @@ def extract_answer(text: str, extract: Extraction = "boxed") -> str | None:
     return extract_last_number(text)
 
 
+def _balanced(text: str) -> bool:
+    """True when the braces of ``text`` (ignoring escaped ``\\{``) are balanced."""
+    depth = 0
+    for char in re.sub(r"\\[{}]", "", text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _canonical(answer: str) -> str:
     """Cheap normal form for the exact-match fast path (spaces, $, \\left/\\right, \\! dropped)."""
     answer = re.sub(r"\\left|\\right|\\!|\\,|\\;|\$|\s", "", answer)
@@ -348,6 +358,10 @@ def grade(
         A :class:`Grade`. Thread-safe; cheap for exact matches (no process round trip).
     """
     reference = str(reference).strip()
+    if not reference or not _balanced(reference):
+        return Grade(
+            "unverifiable", None, reference, "reference answer is empty or has unbalanced braces"
+        )
     extracted = extract_answer(response_text, extract)
     if extracted is None:
         what = "\\boxed{} answer" if extract == "boxed" else "answer"

@@ -1,7 +1,7 @@
 """Small pure text helpers shared by the environments (code blocks, head+tail truncation).
 
 >>> find_code_block("Let me compute.\\n```python\\nprint(6 * 7)\\n```\\n")
-CodeBlock(code='print(6 * 7)', start=16, end=44)
+CodeBlock(code='print(6 * 7)', start=16, end=42)
 >>> truncate_middle("a" * 10 + "b" * 10, 12)
 'aaaaaa\\n...[8 characters omitted]...\\nbbbbbb'
 """

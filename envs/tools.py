@@ -93,16 +93,16 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     description = parts[0].strip()
     arguments: dict[str, str] = {}
     if len(parts) == 2:
-        lines = [line for line in parts[1].splitlines()]
-        indents = [len(line) - len(line.lstrip()) for line in lines if line.strip()]
-        base = min(indents) if indents else 0
+        lines = []
+        for line in parts[1].splitlines():
+            if line.strip() and not line[0].isspace():  # the next section (Returns:, Raises:...)
+                break
+            if line.strip():
+                lines.append(line)
+        base = min((len(line) - len(line.lstrip()) for line in lines), default=0)
         current = None
         for line in lines:
-            if not line.strip():
-                continue
             indent = len(line) - len(line.lstrip())
-            if indent == 0 and base > 0:  # the next section (Returns:, Raises:...)
-                break
             match = re.match(r"^(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line.strip())
             if indent == base and match:
                 current = match.group(1)
