@@ -252,12 +252,12 @@ WRITABLE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 def setup_kernel_tmp(disk_mb: int) -> None:
-    """In a kernel (before dropping the uid): own mount namespace with fresh tmpfs scratch.
+    """In a kernel (before dropping the uid): own mount + ipc namespaces, fresh tmpfs scratch.
 
     Everything a snippet writes lands in these tmpfs (the rest of the tree is not writable for
     its uid) and disappears with its mount namespace when the kernel's processes are gone.
     """
-    unshare(CLONE_NEWNS)
+    unshare(CLONE_NEWNS | CLONE_NEWIPC)  # SysV/POSIX IPC objects also die with the kernel
     for path in WRITABLE_SCRATCH:
         if os.path.isdir(path):
             mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={disk_mb}m")

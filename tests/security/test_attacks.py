@@ -409,3 +409,29 @@ def test_network_is_empty(sb):
     assert "connected" not in r.stdout
     assert r.stdout.count("blocked") == 2
     assert listener.connections == 1  # only the host's own sanity connection
+
+
+def test_shared_memory_does_not_survive_the_run(sb):
+    first = run(
+        sb,
+        """
+        from multiprocessing import shared_memory
+        shm = shared_memory.SharedMemory(name="alp_attack_shm", create=True, size=4096)
+        shm.buf[:5] = b"hello"
+        print("created")
+        """,
+    )
+    assert first.stdout == "created\n", first
+    second = run(
+        sb,
+        """
+        from multiprocessing import shared_memory
+        try:
+            shared_memory.SharedMemory(name="alp_attack_shm")
+            print("found")
+        except FileNotFoundError:
+            print("gone")
+        """,
+    )
+    assert second.stdout == "gone\n", second
+    assert not os.path.exists("/dev/shm/alp_attack_shm")
