@@ -105,6 +105,22 @@ def register_generator(name: str, generator: Callable[..., list[Problem]]) -> No
     _GENERATORS[name] = generator
 
 
+#: Entry-point group through which installed packages contribute dataset generators
+#: (name = dataset name, value = ``"module:generator"``), found when a name is first asked for.
+DATASET_ENTRY_POINT_GROUP = "alp_agents.datasets"
+
+
+def _generator_from_plugins(name: str) -> Callable[..., list[Problem]] | None:
+    from importlib import metadata
+
+    for entry_point in metadata.entry_points(group=DATASET_ENTRY_POINT_GROUP):
+        if entry_point.name == name:
+            generator = entry_point.load()
+            _GENERATORS.setdefault(name, generator)
+            return _GENERATORS[name]
+    return None
+
+
 def available_datasets() -> list[str]:
     """Every name :func:`load_dataset` accepts (besides file paths)."""
     groups = sorted(
@@ -142,8 +158,11 @@ def load_dataset(
     """
     name = os.fspath(name_or_path)
     key = _ALIASES.get(name, name)
-    if key in _GENERATORS:
-        return list(_GENERATORS[key](split=split or "train", **options))
+    generator = _GENERATORS.get(key)
+    if generator is None and key not in BUNDLED and not name.endswith((".jsonl", ".json")):
+        generator = _generator_from_plugins(key)
+    if generator is not None:
+        return list(generator(split=split or "train", **options))
     if options:
         raise DatasetError(f"dataset {name!r} takes no options, got {sorted(options)}")
     if key in BUNDLED:

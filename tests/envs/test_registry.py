@@ -9,6 +9,7 @@ import gymnasium
 import pytest
 
 import envs
+from envs.datasets import _GENERATORS, DATASET_ENTRY_POINT_GROUP
 from envs.registration import ENTRY_POINT_GROUP, discover_plugins, origin
 
 
@@ -54,13 +55,19 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
         class EchoMath(envs.MathEnv):
             """MathEnv with a fixed instruction (stands for a third-party environment)."""
             default_instruction = "Plugin says: solve it."
+
+        def squares(split="train", n=3):
+            offset = 0 if split == "train" else 100
+            return [envs.Problem(f"sq-{split}-{i}", f"What is {i + offset} squared?", str((i + offset) ** 2))
+                    for i in range(n)]
     ''')
     )
     dist = tmp_path / "my_plugin_env-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin-env\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
-        f"[{ENTRY_POINT_GROUP}]\nplugin/EchoMath-v0 = my_plugin_env:EchoMath\n"
+        f"[{ENTRY_POINT_GROUP}]\nplugin/EchoMath-v0 = my_plugin_env:EchoMath\n\n"
+        f"[{DATASET_ENTRY_POINT_GROUP}]\nplugin_squares = my_plugin_env:squares\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
@@ -70,6 +77,11 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
         assert origin("plugin/EchoMath-v0") == "plugin my-plugin-env"
         assert "plugin/EchoMath-v0" in envs.registered()
         assert discover_plugins(force=True) == []  # already registered: nothing new
+        squares = envs.load_dataset("plugin_squares", split="test", n=2)  # the dataset entry point
+        assert [p.answer for p in squares] == ["10000", "10201"]
+        env = envs.make("plugin/EchoMath-v0", dataset="plugin_squares", split="train")
+        assert len(env.problems) == 3
     finally:
         gymnasium.registry.pop("plugin/EchoMath-v0", None)
         sys.modules.pop("my_plugin_env", None)
+        _GENERATORS.pop("plugin_squares", None)
