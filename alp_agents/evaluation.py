@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -218,12 +219,24 @@ def sample_grade(grade_status: str, finish_reason: str | None) -> str:
     return WRONG
 
 
-def sample_record(problem: Any, sample_index: int, trajectory: Any) -> dict[str, Any]:
-    """One JSON-able line of ``samples.jsonl``: the episode as a human wants to read it."""
+def sample_record(
+    problem: Any, sample_index: int, trajectory: Any, episode_log: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One JSON-able line of ``samples.jsonl``: the episode as a human wants to read it.
+
+    ``episode_log`` is what `_EpisodeRecorder` saw of the episode's ``env.step`` infos: every tool
+    call (code, status, the observation the model saw, stdout / stderr; including a final call
+    whose output held the answer and so produced no observation message), the extracted answer
+    and the grader's detail.
+    """
     messages = list(trajectory.messages)
-    first_reply = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
-    metrics = dict(trajectory.metrics or {})
+    log = episode_log or {}
+    prompt = log.get("prompt")
+    if prompt is None:  # no log: everything before the first reply (misses one-shot examples)
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        prompt = messages if first is None else messages[:first]
     metadata = dict(getattr(problem, "metadata", None) or {})
+    tool_results = list(log.get("tool_results", []))
     return {
         "problem_id": str(problem.id),
         "sample_index": sample_index,
@@ -231,26 +244,108 @@ def sample_record(problem: Any, sample_index: int, trajectory: Any) -> dict[str,
         "level": metadata.get("level"),
         "question": problem.question,
         "reference": problem.answer,
-        "extracted_answer": _extracted_answer(metrics),
+        "extracted_answer": log.get("extracted_answer"),
         "grade": sample_grade(trajectory.grade_status, trajectory.finish_reason),
+        "grade_detail": log.get("grade_detail", trajectory.metrics.get("grade_detail")),
         "reward": float(trajectory.reward),
         "finish_reason": trajectory.finish_reason,
         "num_turns": int(trajectory.num_turns),
         "num_tool_calls": int(trajectory.num_tool_calls),
-        "num_tool_errors": int(metrics.get("num_tool_errors", metrics.get("tool_errors", 0)) or 0),
+        "num_tool_errors": sum(r.get("status") not in ("ok", None) for r in tool_results),
         "num_void_turns": int(trajectory.num_void_turns),
         "response_tokens": int(sum(trajectory.loss_mask)),
-        "prompt": messages[:first_reply] if first_reply is not None else messages,
+        "prompt": prompt,
         "transcript": messages,
+        "tool_results": tool_results,
     }
 
 
-def _extracted_answer(metrics: dict[str, Any]) -> str | None:
-    for key in ("extracted_answer", "predicted", "answer"):
-        value = metrics.get(key)
-        if value is not None:
-            return str(value)
-    return None
+_TOOL_TEXT_CHARS = 2000
+
+
+class _EpisodeRecorder:
+    """Keeps what the rollout does not: per-episode tool results and the extracted answer.
+
+    `run_episodes` accepts an environment factory; this one wraps every environment in a
+    `gymnasium.Wrapper` that logs each ``step``'s ``info`` (tool results, grade) under the reset
+    seed. `run_episodes` resets episode ``i`` of a call with ``seed + i``, so the log of the
+    trajectory at position ``i`` is ``logs[seed + i]`` (checked against its problem id).
+    """
+
+    def __init__(self, env_id_or_factory: str | Callable[..., Any]):
+        self.env_id_or_factory = env_id_or_factory
+        self.logs: dict[int, dict[str, Any]] = {}
+
+    def make(self, **kwargs: Any) -> Any:
+        if isinstance(self.env_id_or_factory, str):
+            import envs
+
+            env = envs.make(self.env_id_or_factory, **kwargs)
+        else:
+            env = self.env_id_or_factory(**kwargs)
+        return _recording_wrapper_class()(env, self)
+
+    def log_for(self, seed: int, problem_id: str) -> dict[str, Any] | None:
+        log = self.logs.pop(seed, None)
+        if log is not None and str(log.get("problem_id")) != problem_id:
+            logger.warning(
+                "episode log for seed %s is for %s, not %s", seed, log["problem_id"], problem_id
+            )
+            return None
+        return log
+
+
+def _recording_wrapper_class() -> type:
+    import gymnasium
+
+    class RecordingEnv(gymnasium.Wrapper):
+        """Passes everything through; copies tool results and the grade into the recorder."""
+
+        def __init__(self, env: Any, recorder: _EpisodeRecorder):
+            super().__init__(env)
+            self._recorder = recorder
+            self._log: dict[str, Any] = {}
+
+        def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+            obs, info = self.env.reset(seed=seed, options=options)
+            self._log = {
+                "problem_id": info.get("problem_id"),
+                "prompt": [dict(m) for m in info.get("messages") or []],
+                "tool_results": [],
+            }
+            if seed is not None:
+                self._recorder.logs[seed] = self._log
+            return obs, info
+
+        def step(self, action: str):
+            result = self.env.step(action)
+            info = result[-1]
+            for tool in info.get("tool_results") or []:
+                self._log["tool_results"].append(
+                    {
+                        "turn": info.get("turn"),
+                        "name": tool.get("name"),
+                        "status": tool.get("status"),
+                        "code": tool.get("code"),
+                        "observation": tool.get("observation"),
+                        "stdout": _clip(tool.get("stdout")),
+                        "stderr": _clip(tool.get("stderr")),
+                    }
+                )
+            grade = info.get("grade")
+            if grade is not None:
+                self._log["extracted_answer"] = getattr(grade, "extracted", None)
+                self._log["grade_detail"] = getattr(grade, "detail", None)
+            return result
+
+    return RecordingEnv
+
+
+def _clip(text: Any) -> Any:
+    if not isinstance(text, str) or len(text) <= _TOOL_TEXT_CHARS:
+        return text
+    half = _TOOL_TEXT_CHARS // 2
+    return f"{text[:half]}\n...[{len(text) - 2 * half} characters cut]...\n{text[-half:]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +413,8 @@ def evaluate_with_engine(
         if len(done.get(str(p.id), {})) < n
     ]
 
+    recorder = _EpisodeRecorder(env_id)
+    base_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
     bar = _progress_bar(len(problems), len(problems) - len(todo), progress)
     running = _RunningScore(done.values(), n)
     bar.set_postfix_str(running.text(), refresh=False)
@@ -329,9 +426,9 @@ def evaluate_with_engine(
             for problem, missing in batch:
                 by_missing.setdefault(len(missing), []).append((problem, missing))
             for group_size, members in by_missing.items():
-                batch_seed = _batch_seed(seed, members)
+                batch_seed = _batch_seed(base_seed, members)
                 trajectories = run_episodes(
-                    env_id,
+                    recorder.make,
                     engine,
                     tokenizer,
                     [p for p, _ in members],
@@ -342,9 +439,10 @@ def evaluate_with_engine(
                     progress=False,
                     seed=batch_seed,
                 )
-                by_problem: dict[str, list[Any]] = {}
-                for t in trajectories:
-                    by_problem.setdefault(str(t.problem_id), []).append(t)
+                by_problem: dict[str, list[tuple[Any, Any]]] = {}
+                for position, t in enumerate(trajectories):
+                    log = recorder.log_for(batch_seed + position, str(t.problem_id))
+                    by_problem.setdefault(str(t.problem_id), []).append((t, log))
                 for problem, missing in members:
                     got = by_problem.get(str(problem.id), [])
                     if len(got) != len(missing):
@@ -352,7 +450,10 @@ def evaluate_with_engine(
                             f"run_episodes returned {len(got)} episodes for problem "
                             f"{problem.id!r}, expected {len(missing)}"
                         )
-                    new = [sample_record(problem, i, t) for i, t in zip(missing, got, strict=True)]
+                    new = [
+                        sample_record(problem, i, t, log)
+                        for i, (t, log) in zip(missing, got, strict=True)
+                    ]
                     for record in new:
                         done.setdefault(str(problem.id), {})[record["sample_index"]] = record
                     if on_problem_done is not None:
@@ -419,10 +520,8 @@ def _batches(
     return batches
 
 
-def _batch_seed(seed: int | None, members: list[tuple[Any, list[int]]]) -> int | None:
+def _batch_seed(seed: int, members: list[tuple[Any, list[int]]]) -> int:
     """A seed that depends only on the base seed and which samples the batch draws."""
-    if seed is None:
-        return None
     key = "|".join(f"{p.id}:{','.join(map(str, missing))}" for p, missing in members)
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
 
@@ -501,6 +600,7 @@ def evaluate(
             f"evaluate() got unknown option(s) {unknown}; valid: "
             f"{', '.join(f.name for f in dataclasses.fields(EvalConfig))}"
         )
+    changes = {key: os.fspath(v) if isinstance(v, os.PathLike) else v for key, v in changes.items()}
     cfg = dataclasses.replace(config or EvalConfig(), **changes)
     return run_evaluation(cfg)
 
@@ -519,7 +619,10 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
             f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {cfg.sandbox!r}"
         )
     _check_env(cfg.env)
-    problems = _load_problems(cfg)
+    problems, split = _load_problems(cfg)
+    if split != cfg.split:
+        _say(f"evaluating the {split!r} split of {cfg.dataset!r} (pass --split to choose)")
+        cfg = dataclasses.replace(cfg, split=split)
     cfg = dataclasses.replace(cfg, model=resolve_checkpoint(cfg.model))
     _check_model(cfg.model)
     if cfg.train_dataset is None:
@@ -600,21 +703,36 @@ def _say(message: str) -> None:
     print(f"[evaluate] {message}", file=sys.stderr, flush=True)
 
 
-def _load_problems(cfg: EvalConfig) -> list[Any]:
+def _load_problems(cfg: EvalConfig) -> tuple[list[Any], str | None]:
+    """The evaluation problems and the split they came from.
+
+    Without a split, the held-out ``"test"`` split is used where the dataset has one (e.g. the
+    procedural ``arith``, whose default split is ``train``), else the dataset as named.
+    """
     import envs
 
-    try:
-        problems = envs.load_dataset(cfg.dataset, split=cfg.split)
-    except (KeyError, FileNotFoundError, ValueError) as exc:
-        raise EvaluationError(
-            f"cannot load dataset {cfg.dataset!r} (split={cfg.split!r}): {exc}"
-        ) from exc
+    split = cfg.split
+    if split is None and not str(cfg.dataset).endswith((".jsonl", ".json")):
+        try:
+            problems = envs.load_dataset(cfg.dataset, split="test")
+            split = "test"
+        except ValueError:
+            problems = None
+    else:
+        problems = None
+    if problems is None:
+        try:
+            problems = envs.load_dataset(cfg.dataset, split=split)
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            raise EvaluationError(
+                f"cannot load dataset {cfg.dataset!r} (split={split!r}): {exc}"
+            ) from exc
     problems = list(problems)
     if cfg.limit is not None:
         problems = problems[: cfg.limit]
     if not problems:
-        raise EvaluationError(f"dataset {cfg.dataset!r} (split={cfg.split!r}) has no problems")
-    return problems
+        raise EvaluationError(f"dataset {cfg.dataset!r} (split={split!r}) has no problems")
+    return problems, split
 
 
 def _check_env(env_id: str) -> None:
@@ -735,7 +853,7 @@ def _env_kwargs(cfg: EvalConfig) -> dict[str, Any]:
     ``sandbox: local`` (or null) keeps the environment's default (the process-wide warm
     LocalSandbox); ``sandbox: docker`` builds one `sandbox.DockerSandbox` shared by all episodes.
     """
-    kwargs = dict(cfg.env_kwargs)
+    kwargs = {"dataset": cfg.dataset, "split": cfg.split, **cfg.env_kwargs}
     if cfg.sandbox in (None, "local"):
         return kwargs
     if cfg.sandbox == "docker":
