@@ -436,7 +436,7 @@ def evaluate_with_engine(
                     sampling,
                     env_kwargs=env_kwargs,
                     max_turns=max_turns,
-                    progress=False,
+                    progress=progress,  # a per-batch bar: episodes, live, tokens/s
                     seed=batch_seed,
                 )
                 by_problem: dict[str, list[tuple[Any, Any]]] = {}
@@ -618,6 +618,12 @@ def run_evaluation(cfg: EvalConfig) -> EvalReport:
         raise EvaluationError(
             f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {cfg.sandbox!r}"
         )
+    if cfg.engine == "vllm":
+        from alp_agents.engines import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise EvaluationError(f"engine 'vllm' is unavailable: {reason}")
     _check_env(cfg.env)
     problems, split = _load_problems(cfg)
     if split != cfg.split:
@@ -883,9 +889,6 @@ def _make_engine(cfg: EvalConfig) -> tuple[Any, Any]:
         choice = "vllm" if torch.cuda.is_available() and not vllm_unavailable_reason() else "hf"
     tokenizer = load_tokenizer(cfg.model)
     if choice == "vllm":
-        reason = vllm_unavailable_reason()
-        if reason:
-            raise EvaluationError(f"--engine vllm: {reason}")
         engine = VLLMEngine(cfg.model, tokenizer, dtype=cfg.dtype, seed=cfg.seed)
     else:
         engine = HFEngine(cfg.model, tokenizer, dtype=cfg.dtype, max_batch_size=cfg.batch_size)

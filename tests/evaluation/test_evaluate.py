@@ -186,3 +186,38 @@ def test_smollm2_on_the_arith_test_split(tmp_path):
     assert called and all(t["code"] and t["status"] for r in called for t in r["tool_results"])
     assert 0.0 <= s["pass@1"] <= s["pass@2"] <= 1.0
     assert "| pass@1 |" in report.files["report_md"].read_text()
+
+
+def test_vllm_engine_choice(tiny_checkpoint, tmp_path):
+    """engine='vllm' runs where vLLM exists (GPU machines); elsewhere it is a clear error."""
+    from alp_agents.engines import vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("vllm is installed but there is no GPU for it here")
+        report = evaluate(
+            model=str(tiny_checkpoint), engine="vllm", limit=2, k=2, run_dir=tmp_path / "v", **TINY
+        )
+        assert report.summary["num_samples"] == 4
+        return
+    with pytest.raises(EvaluationError, match="engine 'vllm' is unavailable"):
+        evaluate(model=str(tiny_checkpoint), engine="vllm", run_dir=tmp_path / "v", **TINY)
+    assert not (tmp_path / "v").exists()
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib.util
+
+    import alp_agents.eval_metrics
+    import alp_agents.evaluation
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "train" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for module in (alp_agents.eval_metrics, alp_agents.evaluation, script):
+        failures, tried = doctest.testmod(module)
+        assert failures == 0, module.__name__
