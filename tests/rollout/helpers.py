@@ -1,0 +1,60 @@
+"""Test helpers: an engine wrapper that records what the engine was given and returned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RecordingEngine:
+    """Delegates to a real engine and keeps every (prompt, sample) pair, in call order."""
+
+    engine: Any
+    calls: list[tuple[list[int], Any]] = field(default_factory=list)
+    rounds: int = 0
+
+    def generate(self, prompts, sampling):
+        self.rounds += 1
+        samples = self.engine.generate(prompts, sampling)
+        for prompt, sample in zip(prompts, samples, strict=True):
+            self.calls.append((list(prompt), sample))
+        return samples
+
+    def update_weights(self, model_or_state_dict):
+        self.engine.update_weights(model_or_state_dict)
+
+
+def check_token_in_token_out(trajectories, calls) -> None:
+    """Invariants 1-3 (engine side) for a recorded run.
+
+    Every engine call's prompt is exactly ``prompt_ids + response_ids[:start]`` of a trajectory,
+    the ids sampled in that call follow verbatim at ``start`` with loss mask 1 and exactly the
+    engine's log-probs, and every mask-1 token of every trajectory comes from one such call.
+    """
+    claimed: list[set[int]] = [set() for _ in trajectories]  # sampled positions per trajectory
+    for c, (prompt, sample) in enumerate(calls):
+        n = len(sample.token_ids)
+        owner = None
+        for t_i, traj in enumerate(trajectories):
+            start = len(prompt) - len(traj.prompt_ids)
+            if (
+                start >= 0
+                and start not in claimed[t_i]
+                and traj.input_ids[: len(prompt)] == prompt
+                and traj.response_ids[start : start + n] == sample.token_ids
+            ):
+                owner = (t_i, start)
+                break
+        assert owner is not None, (
+            f"engine call {c}: its prompt followed by its sample is not in any trajectory "
+            "(context re-tokenised or sample altered)"
+        )
+        t_i, start = owner
+        traj = trajectories[t_i]
+        assert traj.loss_mask[start : start + n] == [1] * n, f"call {c}: sampled ids not mask 1"
+        assert traj.infer_logprobs[start : start + n] == [float(x) for x in sample.logprobs]
+        claimed[t_i].update(range(start, start + n))
+    for t_i, traj in enumerate(trajectories):
+        sampled = {k for k, m in enumerate(traj.loss_mask) if m == 1}
+        assert sampled == claimed[t_i], f"trajectory {t_i}: mask-1 tokens the engine did not sample"

@@ -1,0 +1,175 @@
+"""Trajectory: validate() names every broken invariant, JSONL round trip, collate layout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from alp_agents.trajectory import (
+    Trajectory,
+    TrajectoryError,
+    collate,
+    load_jsonl,
+    save_jsonl,
+)
+
+
+def two_turn(**changes) -> Trajectory:
+    """Turn 0: 3 sampled + 4 template/observation tokens; turn 1: 2 sampled + 1 template."""
+    fields = dict(
+        prompt_ids=[1, 10, 11, 12],
+        response_ids=[20, 21, 2, 198, 1, 30, 198, 40, 2, 198],
+        loss_mask=[1, 1, 1, 0, 0, 0, 0, 1, 1, 0],
+        infer_logprobs=[-0.25, -1.5, -0.0625, 0.0, 0.0, 0.0, 0.0, -2.0, -0.125, 0.0],
+        turn_index=[0, 0, 0, 0, 0, 0, 0, 1, 1, 1],
+        reward=1.0,
+        grade_status="correct",
+        finish_reason="answer",
+        num_turns=2,
+        num_tool_calls=1,
+        group_id=3,
+        problem_id="arith-train-1",
+        messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        metrics={"turns": [{"generated": 3}, {"generated": 2}]},
+    )
+    fields.update(changes)
+    return Trajectory(**fields)
+
+
+def test_valid_trajectory_and_derived_views():
+    t = two_turn()
+    t.validate()
+    assert t.context_at_turn(0) == t.prompt_ids
+    assert t.context_at_turn(1) == t.prompt_ids + t.response_ids[:7]
+    assert t.sampled_ids(1) == [40, 2]
+    assert t.num_generated_tokens == 5
+    assert not t.is_infra_failure and not t.is_void
+
+
+@pytest.mark.parametrize(
+    ("changes", "invariant"),
+    [
+        ({"loss_mask": [1] * 9}, "aligned lengths"),
+        ({"prompt_ids": []}, "non-empty prompt"),
+        ({"response_ids": [20, -1, 2, 198, 1, 30, 198, 40, 2, 198]}, "non-negative ints"),
+        ({"loss_mask": [1, 1, 2, 0, 0, 0, 0, 1, 1, 0]}, "loss_mask is 0/1"),
+        (
+            {"infer_logprobs": [-0.25, -1.5, -0.0625, -0.5, 0.0, 0.0, 0.0, -2.0, -0.125, 0.0]},
+            "infer_logprobs 0.0 where mask 0",
+        ),
+        (
+            {"infer_logprobs": [-0.25, math.nan, -0.0625, 0, 0, 0, 0, -2.0, -0.125, 0]},
+            "finite log-probs",
+        ),
+        ({"infer_logprobs": [0.5, -1.5, -0.0625, 0, 0, 0, 0, -2.0, -0.125, 0]}, "finite log-probs"),
+        ({"grade_status": "maybe"}, "grade_status known"),
+        ({"finish_reason": "timeout"}, "finish_reason known"),
+        ({"reward": math.inf}, "reward finite"),
+        ({"num_tool_calls": -1}, "counts non-negative"),
+        ({"num_void_turns": 3}, "void turns <= turns"),
+        ({"finish_reason": "void_turn"}, "void finish counted"),
+        ({"turn_index": [0, 0, 0, 0, 0, 0, 0, 2, 2, 2]}, "increases by 1"),
+        ({"turn_index": [1, 1, 1, 1, 1, 1, 1, 2, 2, 2]}, "starts at 0"),
+        ({"turn_index": [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]}, "a turn starts with a sampled token"),
+        (
+            {
+                "loss_mask": [1, 1, 1, 0, 1, 0, 0, 1, 1, 0],
+                "infer_logprobs": [-0.25, -1.5, -0.0625, 0, -1.0, 0, 0, -2.0, -0.125, 0],
+            },
+            "sampled tokens precede",
+        ),  # fmt: skip
+        ({"num_turns": 3}, "num_turns matches"),
+    ],
+)
+def test_validate_names_each_broken_invariant(changes, invariant):
+    with pytest.raises(TrajectoryError, match=invariant):
+        two_turn(**changes).validate()
+
+
+def test_infra_failure_and_void_flags():
+    assert two_turn(finish_reason="sandbox_error", grade_status="unverifiable").is_infra_failure
+    assert two_turn(grade_status="unverifiable").is_infra_failure
+    assert not two_turn(finish_reason="tool_error").is_infra_failure
+    void = two_turn(finish_reason="void_turn", num_void_turns=1, reward=0.0, grade_status="wrong")
+    void.validate()
+    assert void.is_void and not void.is_infra_failure
+
+
+def test_jsonl_round_trip_is_lossless(tmp_path):
+    trajs = [
+        two_turn(),
+        two_turn(
+            group_id=4,
+            infer_logprobs=[-1 / 3, -1e-30, -17.123456789012345, 0, 0, 0, 0, -2.0, -0.1, 0.0],
+            messages=[{"role": "user", "content": "ünïcode ```python\nprint(1)\n```"}],
+            metrics={"nested": {"a": [1, 2.5, None]}, "flag": True},
+        ),
+    ]
+    path = save_jsonl(tmp_path / "sub" / "trajs.jsonl", trajs)
+    loaded = load_jsonl(path)
+    assert loaded == trajs
+    assert [t.to_dict() for t in loaded] == [t.to_dict() for t in trajs]
+
+
+def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
+    good = json.dumps(two_turn().to_dict())
+    bad_field = dict(two_turn().to_dict(), colour="red")
+    path = tmp_path / "t.jsonl"
+    path.write_text(good + "\n" + json.dumps(bad_field) + "\n")
+    with pytest.raises(TrajectoryError, match=r"t\.jsonl:2: unknown field\(s\) \['colour'\]"):
+        load_jsonl(path)
+    broken = dict(two_turn().to_dict(), finish_reason="bogus")
+    path.write_text(good + "\n\n" + json.dumps(broken) + "\n")
+    with pytest.raises(TrajectoryError, match=r"t\.jsonl:3: .*finish_reason known"):
+        load_jsonl(path)
+    path.write_text("{not json\n")
+    with pytest.raises(TrajectoryError, match=r"t\.jsonl:1: not valid JSON"):
+        load_jsonl(path)
+    newer = dict(two_turn().to_dict(), schema_version=99)
+    path.write_text(json.dumps(newer) + "\n")
+    with pytest.raises(TrajectoryError, match="schema_version 99"):
+        load_jsonl(path)
+
+
+def test_collate_pads_right_and_aligns_columns_with_tokens():
+    a = two_turn()
+    b = Trajectory(
+        prompt_ids=[1, 5],
+        response_ids=[6, 2],
+        loss_mask=[1, 1],
+        infer_logprobs=[-0.5, -0.75],
+        turn_index=[0, 0],
+        reward=0.0,
+        grade_status="wrong",
+        finish_reason="void_turn",
+        num_turns=1,
+        num_void_turns=1,
+        group_id="other-group",
+    )
+    c = two_turn(finish_reason="sandbox_error", grade_status="unverifiable", reward=0.0)
+    batch = collate([a, b, c], pad_token_id=0)
+    width = len(a.prompt_ids) + len(a.response_ids)
+    assert batch["input_ids"].shape == (3, width)
+    for key in ("attention_mask", "loss_mask", "infer_logprobs", "turn_index"):
+        assert batch[key].shape == (3, width), key
+    assert batch["input_ids"].dtype == torch.long and batch["loss_mask"].dtype == torch.float32
+    assert batch["input_ids"][0].tolist() == a.input_ids
+    assert batch["input_ids"][1].tolist() == [1, 5, 6, 2] + [0] * (width - 4)
+    assert batch["attention_mask"][1].tolist() == [1] * 4 + [0] * (width - 4)
+    p = len(a.prompt_ids)
+    assert batch["loss_mask"][0].tolist() == [0.0] * p + [float(m) for m in a.loss_mask]
+    assert batch["infer_logprobs"][0, p:].tolist() == a.infer_logprobs
+    assert batch["turn_index"][0].tolist() == [-1] * p + a.turn_index
+    assert batch["turn_index"][1].tolist() == [-1, -1, 0, 0] + [-1] * (width - 4)
+    assert batch["loss_mask"][1, 4:].sum() == 0 and batch["infer_logprobs"][1, 4:].sum() == 0
+    assert batch["rewards"].tolist() == [1.0, 0.0, 0.0]
+    assert batch["group_ids"].tolist() == [0, 1, 0]  # group 3, "other-group", group 3
+    assert batch["response_start"].tolist() == [4, 2, 4]
+    assert batch["lengths"].tolist() == [width, 4, width]
+    assert batch["is_void"].tolist() == [False, True, False]
+    assert batch["is_infra_failure"].tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="at least one"):
+        collate([], pad_token_id=0)
