@@ -26,7 +26,7 @@ class MathEnv(TextEnv):
     default_instruction = MATH_INSTRUCTION
 
     def __init__(self, dataset: str = "math500", split: str | None = None, **kwargs: Any) -> None:
-        if kwargs.get("max_turns", 1) != 1:
+        if kwargs.get("max_turns") not in (None, 1):
             raise ValueError(
                 "MathEnv is single-turn: max_turns must be 1 (use alp/PythonTool-v0 for multi-turn)"
             )
