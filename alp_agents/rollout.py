@@ -23,8 +23,8 @@ the whole episode (prompt + response) fits in ``max_context_tokens``; each obser
 content is cut to ``max_observation_tokens`` (head + tail with a visible marker). A turn cut by
 a budget still goes to the env, so an answer in it is graded, and the episode's
 ``finish_reason`` is ``"length"`` (the env's own verdict is kept in ``metrics``). Environment
-exceptions become ``sandbox_error`` episodes with an ``unverifiable`` grade (the learner drops
-them), unless every episode fails, which raises.
+exceptions become ``sandbox_error`` episodes with an ``unverifiable`` grade and the traceback in
+``metrics["error"]`` (the learner drops them; the failures are logged at error level).
 
 Example::
 
@@ -293,10 +293,12 @@ def run_episodes(
             _close_env(ep.env)
 
     failures = [ep for ep in episodes if "error" in ep.metrics]
-    if failures and len(failures) == len(episodes):
-        raise RuntimeError(
-            f"every episode failed inside the environment; first error:\n{failures[0].metrics['error']}"
-        )
+    if failures:
+        log.error(
+            "%d of %d episodes failed inside the environment (flagged sandbox_error, excluded by "
+            "the learner); first error:\n%s",
+            len(failures), len(episodes), failures[0].metrics["error"],
+        )  # fmt: skip
     trajectories = [ep.to_trajectory() for ep in episodes]
     for traj in trajectories:
         traj.validate()
@@ -362,8 +364,9 @@ def _check_budget(ep: _Episode, max_context_tokens: int, sampling: SamplingParam
 def _absorb_sample(ep: _Episode, sample: Sample, params: SamplingParams, tokenizer: Any) -> bool:
     """Append a sample verbatim (mask 1). Returns True when the turn is over and goes to the env.
 
-    A stop string that the env does not consider the end of a response (its
-    ``response_is_complete``) lets the same turn continue in the next round.
+    An env stop string matched where the env does not consider the response complete (its
+    ``response_is_complete``, e.g. a bare opening fence) lets the same turn continue in the next
+    round; the caller's own stop strings always end the turn.
     """
     ep.append(sample.token_ids, 1, sample.logprobs)
     ep.turn_sampled.extend(sample.token_ids)
@@ -373,7 +376,7 @@ def _absorb_sample(ep: _Episode, sample: Sample, params: SamplingParams, tokeniz
     turn_log[ep.turn]["generated"] += len(sample.token_ids)
     turn_log[ep.turn]["segments"] += 1
     turn_log[ep.turn]["finish"] = sample.finish_reason
-    if sample.finish_reason == "stop":
+    if sample.finish_reason == "stop" and sample.stop_string in ep.stops:
         base = getattr(ep.env, "unwrapped", ep.env)
         complete = getattr(base, "response_is_complete", None)
         text = tokenizer.decode(ep.turn_sampled, skip_special_tokens=True)

@@ -1,0 +1,247 @@
+"""run_episodes on real environments: the six rollout invariants on three chat templates.
+
+Fast tests use a tiny random model sized to each template's vocabulary (it never writes code,
+so its episodes are single-turn); slow tests run the real SmolLM2 (bf16 engine) on the real
+multi-turn PythonTool environment and sandbox, where it writes code, reads results and answers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import envs
+from alp_agents.chat import ChatDelta
+from alp_agents.engines import HFEngine, SamplingParams
+from alp_agents.models import make_tiny_model
+from alp_agents.rollout import run_episodes
+
+from .conftest import real_engine_for
+from .rollout_helpers import TEMPLATES, RecordingEngine, check_token_in_token_out
+
+BF16_MEAN_TOL, BF16_MAX_TOL = 0.1, 0.5  # see test_engines.py for the measurement
+ARITH = {"dataset": "arith", "split": "train"}
+
+
+def problems(n):
+    return envs.load_dataset("arith", split="train")[:n]
+
+
+def tiny_engine(tok):
+    return RecordingEngine(HFEngine(make_tiny_model(tokenizer=tok), tok, dtype=torch.float32))
+
+
+def check_template_tokens(traj, tok):
+    """Between turns, the mask-0 tokens are exactly the template's closing (after what was
+    sampled) plus the observation delta of the env's messages, against a fixed base."""
+    delta = ChatDelta(tok, traj.messages[: _initial_count(traj)])
+    assert traj.prompt_ids == delta.prompt_ids
+    messages = traj.messages[_initial_count(traj) :]
+    for turn in range(traj.num_turns):
+        start = traj.turn_start(turn)
+        sampled = traj.sampled_ids(turn)
+        end = traj.turn_start(turn + 1) if turn + 1 < traj.num_turns else len(traj.response_ids)
+        tail = traj.response_ids[start + len(sampled) : end]
+        assert all(m == 0 for m in traj.loss_mask[start + len(sampled) : end])
+        assistant, messages = messages[0], messages[1:]
+        assert assistant == {
+            "role": "assistant",
+            "content": tok.decode(sampled, skip_special_tokens=True),
+        }
+        closing = delta.closing_after(sampled)
+        assert tail[: len(closing)] == closing
+        if turn + 1 < traj.num_turns:
+            observation = []
+            while messages and messages[0]["role"] != "assistant":
+                observation.append(messages.pop(0))
+            assert tail[len(closing) :] == delta.observation_ids(observation)
+        else:
+            assert tail == closing  # the episode ended: nothing after the closing
+
+
+def _initial_count(traj):
+    return next(i for i, m in enumerate(traj.messages) if m["role"] == "assistant")
+
+
+# ------------------------------------------------------------------------------ fast
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_single_turn_token_in_token_out_and_truncation_is_graded(template_tokenizers, name):
+    """Invariants 1-3 and 5 on a single-turn env: one generate call for all episodes, ids kept
+    verbatim, template closing masked, and a response cut by max_tokens still reaches the
+    grader (finish_reason "length", the env's verdict kept)."""
+    tok = template_tokenizers[name]
+    engine = tiny_engine(tok)
+    stats = {}
+    trajs = run_episodes(
+        "alp/Math-v0", engine, tok, problems(2), group_size=3,
+        sampling=SamplingParams(max_tokens=12), env_kwargs=ARITH, progress=False, seed=0,
+        stats=stats,
+    )  # fmt: skip
+    assert len(trajs) == 6 and engine.rounds == stats["rounds"] == 1
+    assert [t.group_id for t in trajs] == [0, 0, 0, 1, 1, 1]
+    assert [t.problem_id for t in trajs] == [p.id for p in problems(2) for _ in range(3)]
+    check_token_in_token_out(trajs, engine.calls)
+    for traj in trajs:
+        traj.validate()
+        check_template_tokens(traj, tok)
+        assert traj.num_turns == 1 and traj.num_generated_tokens == 12
+        assert traj.finish_reason == "length" and traj.metrics["env_finish_reason"] == "answer"
+        assert traj.grade_status == "wrong" and "grade_detail" in traj.metrics  # it was graded
+    # Same seed, same trajectories; a different seed samples differently.
+    again = run_episodes(
+        "alp/Math-v0", tiny_engine(tok), tok, problems(2), group_size=3,
+        sampling=SamplingParams(max_tokens=12), env_kwargs=ARITH, progress=False, seed=0,
+    )  # fmt: skip
+    assert [t.response_ids for t in again] == [t.response_ids for t in trajs]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_stop_string_ends_the_turn_on_token_ids(template_tokenizers, name):
+    """Invariant 4 in the loop: with a stop string that ends inside a sampled token, the turn
+    ends right after that token (kept whole), the env gets that text, and the template's full
+    closing follows with mask 0 (the model did not sample the end-of-turn token)."""
+    tok = template_tokenizers[name]
+    kwargs = dict(env_kwargs=ARITH, progress=False, seed=3)
+    [free] = run_episodes("alp/Math-v0", tiny_engine(tok), tok, problems(1), 1,
+                          SamplingParams(max_tokens=30), **kwargs)  # fmt: skip
+    sampled = free.sampled_ids(0)
+    pieces = [tok.decode([t]) for t in sampled]
+    k = next(i for i in range(4, len(pieces)) if len(pieces[i]) >= 2 and pieces[i - 1])
+    stop = pieces[k - 1][-1:] + pieces[k][:-1]
+    assert stop not in tok.decode(sampled[:k])
+    engine = tiny_engine(tok)
+    [cut] = run_episodes("alp/Math-v0", engine, tok, problems(1), 1,
+                         SamplingParams(max_tokens=30, stop=[stop]), **kwargs)  # fmt: skip
+    assert cut.sampled_ids(0) == sampled[: k + 1]
+    assert cut.metrics["turns"][0]["finish"] == "stop"
+    delta = ChatDelta(tok, cut.messages[:1])
+    assert cut.response_ids[k + 1 :] == delta.closing_ids
+    assert cut.messages[-1]["content"] == tok.decode(sampled[: k + 1], skip_special_tokens=True)
+    check_token_in_token_out([cut], engine.calls)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_context_budget_is_counted_in_policy_tokens(template_tokenizers, name):
+    """Invariant 5: the whole episode fits max_context_tokens; the cut is flagged "length"."""
+    tok = template_tokenizers[name]
+    engine = tiny_engine(tok)
+    prompt_len = len(ChatDelta(tok, envs.make("alp/PythonTool-v0", **ARITH).reset(
+        options={"problem_id": problems(1)[0].id})[1]["messages"]).prompt_ids)  # fmt: skip
+    budget = prompt_len + 9
+    trajs = run_episodes(
+        "alp/PythonTool-v0", engine, tok, problems(1), group_size=2,
+        sampling=SamplingParams(max_tokens=64), env_kwargs=ARITH, progress=False, seed=0,
+        max_context_tokens=budget,
+    )  # fmt: skip
+    for traj in trajs:
+        assert len(traj.input_ids) <= budget
+        assert traj.finish_reason == "length" and traj.num_generated_tokens >= 1
+        assert traj.messages[-1]["role"] == "assistant"  # the cut turn still went to the env
+    check_token_in_token_out(trajs, engine.calls)
+    # No room for even one sampled token: the episode ends before generating.
+    [empty] = run_episodes(
+        "alp/PythonTool-v0", tiny_engine(tok), tok, problems(1), group_size=1,
+        sampling=SamplingParams(max_tokens=64), env_kwargs=ARITH, progress=False,
+        max_context_tokens=prompt_len,
+    )  # fmt: skip
+    assert empty.response_ids == [] and empty.finish_reason == "length" and empty.num_turns == 0
+
+
+def test_env_factory_and_problem_ids(template_tokenizers):
+    tok = template_tokenizers["smollm2"]
+    ids = [p.id for p in problems(2)]
+    trajs = run_episodes(
+        lambda **kw: envs.make("alp/Math-v0", **ARITH, **kw), tiny_engine(tok), tok, ids, 1,
+        SamplingParams(max_tokens=4), progress=False, max_turns=1,
+    )  # fmt: skip
+    assert [t.problem_id for t in trajs] == ids
+    with pytest.raises(ValueError, match="group_size"):
+        run_episodes("alp/Math-v0", tiny_engine(tok), tok, ids, 0, SamplingParams())
+
+
+# ------------------------------------------------------------------------------ slow: SmolLM2
+
+
+@pytest.fixture(scope="module")
+def multi_turn_runs(template_tokenizers, smollm2_bf16):
+    """One real multi-turn PythonTool run per template (SmolLM2, bf16 engine, real sandbox)."""
+    runs = {}
+    for name in TEMPLATES:
+        tok = template_tokenizers[name]
+        engine = RecordingEngine(real_engine_for(smollm2_bf16, tok))
+        stats = {}
+        trajs = run_episodes(
+            "alp/PythonTool-v0", engine, tok, problems(2), group_size=2,
+            sampling=SamplingParams(max_tokens=80, temperature=0.7), env_kwargs=ARITH,
+            max_turns=3, max_observation_tokens=12, progress=False, seed=0, stats=stats,
+        )  # fmt: skip
+        runs[name] = (tok, engine, trajs, stats)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_multi_turn_invariants_with_the_real_model(multi_turn_runs, name):
+    """Invariants 1-5 on real multi-turn episodes (code, sandbox output, answers)."""
+    tok, engine, trajs, stats = multi_turn_runs[name]
+    assert max(t.num_turns for t in trajs) >= 2, "expected the model to use the tool"
+    assert engine.rounds == stats["rounds"] <= 3  # one generate call per round for all episodes
+    # 1 + 2: ids verbatim, mask 1 exactly on sampled ids, template tokens exactly the deltas.
+    check_token_in_token_out(trajs, engine.calls)
+    for traj in trajs:
+        traj.validate()
+        check_template_tokens(traj, tok)
+        assert traj.num_tool_calls >= traj.num_turns - 1
+        if traj.finish_reason == "void_turn":
+            assert traj.is_void and traj.num_void_turns == 1
+    # 3: log-probs equal a teacher-forced forward of the engine's own bf16 weights.
+    model = engine.engine.model
+    diffs = []
+    for traj in trajs:
+        with torch.no_grad():
+            logits = model(torch.tensor([traj.input_ids])).logits[0, :-1].float()
+        logp = torch.log_softmax(logits / 0.7, dim=-1)
+        target = torch.tensor(traj.input_ids[1:])
+        token_lp = logp.gather(-1, target[:, None]).squeeze(-1)[len(traj.prompt_ids) - 1 :]
+        mask = torch.tensor(traj.loss_mask, dtype=torch.bool)
+        diffs.append((token_lp[mask] - torch.tensor(traj.infer_logprobs)[mask]).abs())
+    diff = torch.cat(diffs)
+    assert diff.mean() <= BF16_MEAN_TOL and diff.max() <= BF16_MAX_TOL, (diff.mean(), diff.max())
+    # 4: no turn runs past the end of its first complete code block.
+    for traj in trajs:
+        for turn in range(traj.num_turns):
+            sampled = traj.sampled_ids(turn)
+            assert "```\n" not in tok.decode(sampled[:-1])
+            if traj.metrics["turns"][turn]["finish"] == "stop":
+                assert "```\n" in tok.decode(sampled)
+    # 5: observations fit their budget in policy tokens.
+    for traj in trajs:
+        for m in traj.messages[_initial_count(traj) :]:
+            if m["role"] != "assistant":
+                assert len(tok.encode(m["content"], add_special_tokens=False)) <= 12 + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_sandbox_failure_is_flagged_not_scored(template_tokenizers, smollm2_bf16, name):
+    """Invariant 6: the sandbox is gone (closed) when the model's code must run: the episode is
+    a sandbox_error with an unverifiable grade, flagged for the learner to exclude."""
+    from sandbox import LocalSandbox
+
+    tok = template_tokenizers[name]
+    dead = LocalSandbox(workers=1)
+    dead.close()
+    trajs = run_episodes(
+        "alp/PythonTool-v0", real_engine_for(smollm2_bf16, tok), tok, problems(1), group_size=2,
+        sampling=SamplingParams(max_tokens=48, temperature=0.0),
+        env_kwargs={**ARITH, "sandbox": dead, "stateful": False}, max_turns=1, progress=False,
+    )  # fmt: skip
+    wrote_code = [t for t in trajs if "```python" in t.messages[-1]["content"]]
+    assert wrote_code, "expected the model to write code on the one-shot prompt"
+    for traj in wrote_code:
+        traj.validate()
+        assert traj.finish_reason == "sandbox_error" and traj.grade_status == "unverifiable"
+        assert traj.is_infra_failure and "closed" in traj.metrics["error"]
+        assert traj.reward == 0.0
