@@ -162,7 +162,7 @@ def load_dataset(
     if generator is None and key not in BUNDLED and not name.endswith((".jsonl", ".json")):
         generator = _generator_from_plugins(key)
     if generator is not None:
-        return list(generator(split=split or "train", **options))
+        return _generated(key, generator, split or "train", options)
     if options:
         raise DatasetError(f"dataset {name!r} takes no options, got {sorted(options)}")
     if key in BUNDLED:
@@ -186,6 +186,28 @@ def load_dataset(
         f"unknown dataset {name!r}.{hint} Known: {', '.join(available_datasets())}, "
         "or the path of a .jsonl file."
     )
+
+
+_generated_cache: dict[tuple, tuple[Problem, ...]] = {}
+
+
+def _generated(
+    key: str, generator: Callable[..., list[Problem]], split: str, options: dict
+) -> list[Problem]:
+    """A generator's problems, memoised per (name, split, options): one env per episode must not
+    regenerate thousands of problems each time (generators are deterministic by contract)."""
+    try:
+        cache_key = (key, id(generator), split, tuple(sorted(options.items())))
+        hash(cache_key)
+    except TypeError:  # unhashable options: no caching
+        return list(generator(split=split, **options))
+    with _cache_lock:
+        cached = _generated_cache.get(cache_key)
+    if cached is None:
+        cached = tuple(generator(split=split, **options))
+        with _cache_lock:
+            _generated_cache[cache_key] = cached
+    return list(cached)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Problem]:
