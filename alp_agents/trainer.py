@@ -82,6 +82,7 @@ class EnvConfig:
     dataset: str = "arith"
     train_split: str | None = "train"  # None for a JSONL file (it is its own split)
     eval_split: str | None = "test"
+    eval_dataset: str | None = None  # held-out problem set if not `dataset` (e.g. math500)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {n: 500} for generators
     max_turns: int = 3
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments
@@ -295,21 +296,26 @@ def validate_config(cfg: TrainConfig) -> None:
     registered = sorted(envs.registered())
     if cfg.env.id not in registered:
         raise bad("env.id", cfg.env.id, registered)
-    for split_field in ("train_split", "eval_split"):
-        split = getattr(cfg.env, split_field)
-        if split_field == "eval_split" and cfg.eval.num_problems <= 0:
-            continue
+    checks = [("dataset", cfg.env.dataset, "train_split", cfg.env.train_split)]
+    if cfg.eval.num_problems > 0:
+        field_name = "eval_dataset" if cfg.env.eval_dataset else "dataset"
+        checks.append((field_name, _eval_dataset(cfg), "eval_split", cfg.env.eval_split))
+    for name_field, name, split_field, split in checks:
         try:
-            envs.load_dataset(cfg.env.dataset, split=split, **cfg.env.dataset_options)
+            envs.load_dataset(name, split=split, **cfg.env.dataset_options)
         except Exception as exc:  # the dataset module names the valid choices
             raise TrainConfigError(
-                f"env.dataset={cfg.env.dataset!r} / env.{split_field}={split!r}: {exc}"
+                f"env.{name_field}={name!r} / env.{split_field}={split!r}: {exc}"
             ) from exc
     # PolicyLossConfig rejects unknown override keys itself; surface it as a config error now.
     try:
         _loss_config(cfg)
     except (TypeError, ValueError, KeyError) as exc:
         raise TrainConfigError(f"algorithm.loss={dict(cfg.algorithm.loss)!r}: {exc}") from exc
+
+
+def _eval_dataset(cfg: TrainConfig) -> str:
+    return cfg.env.eval_dataset or cfg.env.dataset
 
 
 def _preset_names() -> tuple[str, ...]:
@@ -470,7 +476,7 @@ class ALPTrainer:
             config.env.dataset, split=config.env.train_split, **opts
         )
         self.eval_problems = (
-            envs.load_dataset(config.env.dataset, split=config.env.eval_split, **opts)[
+            envs.load_dataset(_eval_dataset(config), split=config.env.eval_split, **opts)[
                 : config.eval.num_problems
             ]
             if config.eval.num_problems > 0
@@ -659,9 +665,9 @@ class ALPTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _env_kwargs(self, split: str | None) -> dict[str, Any]:
+    def _env_kwargs(self, split: str | None, dataset: str | None = None) -> dict[str, Any]:
         e = self.cfg.env
-        kwargs: dict[str, Any] = {"dataset": e.dataset, "split": split}
+        kwargs: dict[str, Any] = {"dataset": dataset or e.dataset, "split": split}
         if e.dataset_options:
             kwargs["dataset_options"] = dict(e.dataset_options)
         return {**kwargs, **e.kwargs}
@@ -694,6 +700,7 @@ class ALPTrainer:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         problems = [self.train_problems[i] for i in idx][rank::world]
         t0 = time.perf_counter()
+        stats: dict[str, Any] = {}
         trajs = run_episodes(
             cfg.env.id,
             self.engine,
@@ -705,8 +712,17 @@ class ALPTrainer:
             max_turns=cfg.env.max_turns,
             progress=cfg.logging.progress and self.is_main,
             seed=_step_seed(cfg.seed, self.step, rank),
+            stats=stats,
         )
-        return trajs, {"time/rollout_s": time.perf_counter() - t0}
+        out = {"time/rollout_s": time.perf_counter() - t0}
+        for key in ("generate_s", "env_s"):
+            if key in stats:
+                out[f"time/rollout_{key}"] = float(stats[key])
+        if "generated_tokens" in stats:
+            out["throughput/generated_tokens_per_s"] = float(stats["generated_tokens"]) / max(
+                1e-9, out["time/rollout_s"]
+            )
+        return trajs, out
 
     # ---------------------------------------------------------------- one training step
     def train_step(self) -> dict[str, float]:
@@ -822,6 +838,12 @@ class ALPTrainer:
                             lp, ent = self._log_probs(self.model, sub, entropy=True)
                         else:
                             lp = self._log_probs(self.model, sub)
+                        if not bool(torch.isfinite(lp[sub["loss_mask"] > 0]).all()):
+                            # A NaN/inf forward (overflow, corrupted weights): no loss, no
+                            # backward; the whole mini-batch update is skipped below.
+                            finite = False
+                            mb_loss = float("nan")
+                            continue
                         loss, m = policy_loss(
                             lp,
                             sub["infer_logprobs"],
@@ -977,7 +999,7 @@ class ALPTrainer:
             sampling=self._sampling(
                 e.temperature, e.top_p, e.max_tokens or self.cfg.rollout.max_tokens
             ),
-            env_kwargs=self._env_kwargs(self.cfg.env.eval_split),
+            env_kwargs=self._env_kwargs(self.cfg.env.eval_split, _eval_dataset(self.cfg)),
             seed=self.cfg.seed + 12345,
             progress=self.cfg.logging.progress and self.is_main,
             max_turns=self.cfg.env.max_turns,

@@ -1,0 +1,327 @@
+"""ALPTrainer end to end on a tiny random model with real environments, sandbox and grader.
+
+Learning-state tests use ``test/LengthParity-v0`` (conftest.py) so rewards vary inside groups,
+advantages are non-zero and the optimiser and sigma really move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alp_agents import checkpoint as ckpt
+from alp_agents.models import make_tiny_model
+from alp_agents.runlog import read_metrics
+from alp_agents.trainer import (
+    ALPTrainer,
+    TrainConfig,
+    TrainConfigError,
+    TrainingDivergedError,
+    validate_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PARITY_ENV = "test/LengthParity-v0"  # registered in conftest.py
+# Metrics of ALP_SPEC section 4 that every step must log (presets add their own, e.g. sigma).
+SECTION4_KEYS = [
+    *(f"ratio/q{q:02d}" for q in (1, 2, 5, 25, 50, 75, 95, 98, 99)),
+    "ratio/mean",
+    "ratio/max",
+    "ratio/min",
+    "seq_log_ratio/q02",
+    "seq_log_ratio/q98",
+    "clip/lower",
+    "clip/upper",
+    "clip/dual",
+    "mismatch/k1",
+    "mismatch/k3",
+    "mismatch/ppl_trainer",
+    "mismatch/ppl_infer",
+    "mismatch/ppl_ratio",
+    "mismatch/chi2_token",
+    "mismatch/chi2_seq",
+    "update/grad_norm",
+    "entropy/sampled_nll",
+    "env/turns_mean",
+    "env/void_turn_ratio",
+    "env/code_use_ratio",
+    "env/tool_error_ratio",
+    "env/response_tokens_mean",
+    "reward/mean",
+]
+
+
+@pytest.fixture
+def problems(problem_files) -> tuple[str, str]:
+    return problem_files
+
+
+def tiny_config(tmp_path: Path, problems: tuple[str, str], **changes) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.name = "tiny-llama"
+    cfg.env.id = PARITY_ENV
+    cfg.env.dataset = problems[0]
+    cfg.env.train_split = None  # a JSONL path carries its own split
+    cfg.env.eval_split = None
+    cfg.env.eval_dataset = problems[1]
+    cfg.env.max_turns = 1
+    cfg.rollout.prompts_per_step = 4
+    cfg.rollout.group_size = 4
+    cfg.rollout.max_tokens = 16
+    cfg.rollout.mask_void_turns = False
+    cfg.algorithm.mini_batches = 2
+    cfg.algorithm.micro_batch_size = 4
+    cfg.optim.lr = 1e-3
+    cfg.perturbation.sigma_init = 0.02
+    cfg.perturbation.sigma_lr = 1e-2
+    cfg.eval.num_problems = 0
+    cfg.steps = 2
+    cfg.logging.run_dir = str(tmp_path / "run")
+    cfg.logging.progress = False
+    cfg.logging.tensorboard = False
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    return cfg
+
+
+def make_trainer(cfg, tokenizer, **kw) -> ALPTrainer:
+    model = make_tiny_model("llama", tokenizer=tokenizer, hidden_size=64, num_layers=2, seed=0)
+    return ALPTrainer(cfg, model=model, tokenizer=tokenizer, **kw)
+
+
+def step_rows(run_dir: Path) -> dict[int, dict]:
+    """The per-step training rows of metrics.jsonl (eval rows carry no reward/mean)."""
+    return {r["step"]: r for r in read_metrics(run_dir) if "reward/mean" in r}
+
+
+VOLATILE = ("time", "time/", "throughput/")
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_tool_env_step_on_the_real_sandbox_with_eval_checkpoint_export_and_plots(
+    tmp_path, problems, tokenizer
+):
+    """ALP on alp/PythonTool-v0 (real sandbox, real grader): every section-4 metric is logged,
+    held-out evaluation runs before and after, the export loads with plain from_pretrained and
+    holds no sigma, trajectory samples and the four plots are written."""
+    cfg = tiny_config(tmp_path, problems, steps=1)
+    cfg.env.id = "alp/PythonTool-v0"
+    cfg.env.max_turns = 2
+    cfg.eval.num_problems = 2
+    trainer = make_trainer(cfg, tokenizer)
+    result = trainer.train()
+
+    rows = step_rows(result.run_dir)
+    assert sorted(rows) == [1]
+    for key in SECTION4_KEYS:
+        assert key in rows[1], f"metric {key} missing from metrics.jsonl"
+    assert rows[1]["update/steps"] == 2  # K = 2 optimiser steps per rollout batch
+    assert any(k.startswith("sigma/layer_") for k in rows[1])
+    assert result.eval_before and result.eval_after
+    samples = (result.run_dir / "trajectories.jsonl").read_text().splitlines()
+    assert samples and "response" in json.loads(samples[0])
+    for path in result.plots.values():
+        assert path.stat().st_size > 5000
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    keys = set(load_file(str(result.export_dir / "model.safetensors")))
+    assert not any("sigma" in k for k in keys)
+    served = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    trained = trainer._unwrapped().state_dict()
+    for k, v in served.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_alp_steps_move_weights_and_sigma(tmp_path, problems, tokenizer):
+    cfg = tiny_config(tmp_path, problems, steps=2)
+    trainer = make_trainer(cfg, tokenizer)
+    before = {k: v.clone() for k, v in trainer._unwrapped().state_dict().items()}
+    sigma0 = trainer.perturbation.sigmas().clone()
+    trainer.train()
+    rows = step_rows(trainer.run_dir)
+    assert 0 < rows[1]["reward/mean"] < 1
+    assert rows[1]["advantage/abs_mean"] > 0
+    after = trainer._unwrapped().state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(sigma0, trainer.perturbation.sigmas())
+
+
+# ------------------------------------------------------------------------------- resume
+def test_resume_after_kill_reproduces_the_following_steps(tmp_path, problems, tokenizer):
+    """A run killed after its step-1 checkpoint and resumed logs exactly the same step-2/3
+    metrics as the uninterrupted run (sampler position, RNGs, optimiser, LR schedule, sigma)."""
+    cfg = tiny_config(tmp_path, problems, steps=3)
+    cfg.checkpoint.every = 1
+    cfg.checkpoint.keep_last = 0
+    cfg.optim.lr_schedule = "linear"
+    full = make_trainer(cfg, tokenizer).train()
+    reference = step_rows(full.run_dir)
+
+    killed = tmp_path / "killed"
+    shutil.copytree(full.run_dir, killed)
+    for step, path in ckpt.list_checkpoints(killed):
+        if step > 1:
+            shutil.rmtree(path)
+    shutil.rmtree(killed / "final")
+    # Same configuration (as --resume would read it from the checkpoint's config.yaml).
+    resumed = make_trainer(cfg, tokenizer, resume_from=ckpt.checkpoint_path(killed, 1)).train()
+    assert resumed.run_dir == killed.resolve()
+    again = step_rows(killed)
+    assert sorted(again) == [1, 2, 3]
+    for step in (2, 3):
+        assert comparable(again[step]) == comparable(reference[step]), f"step {step} differs"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, problems, tokenizer):
+    """SIGINT during training saves a checkpoint at a step boundary and returns
+    (interrupted=True); resuming it gives the same later steps as an uninterrupted run."""
+    steps = 4
+    reference = step_rows(
+        make_trainer(tiny_config(tmp_path / "a", problems, steps=steps), tokenizer).train().run_dir
+    )
+
+    cfg = tiny_config(tmp_path / "b", problems, steps=steps)
+    trainer = make_trainer(cfg, tokenizer)
+    metrics = trainer.run_dir / "metrics.jsonl"
+
+    def interrupt_after_first_step() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=interrupt_after_first_step, daemon=True)
+    watcher.start()
+    result = trainer.train()
+    watcher.join()
+    assert result.interrupted
+    saved = ckpt.latest_checkpoint(trainer.run_dir)
+    assert saved is not None
+    stopped_at = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped_at < steps
+
+    make_trainer(cfg, tokenizer, resume_from=saved).train()
+    again = step_rows(trainer.run_dir)
+    assert sorted(again) == list(range(1, steps + 1))
+    for step in range(stopped_at + 1, steps + 1):
+        assert comparable(again[step]) == comparable(reference[step]), f"step {step} differs"
+
+
+# ------------------------------------------------------------------------------- failures
+def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, problems, tokenizer):
+    """A NaN in the training forward: the update is skipped (weights unchanged, logged), and
+    after max_nonfinite_in_row in a row the run stops with a clear error and no NaN checkpoint."""
+    cfg = tiny_config(tmp_path, problems, steps=3, max_nonfinite_in_row=3)
+    trainer = make_trainer(cfg, tokenizer)
+    before = {k: v.clone() for k, v in trainer._unwrapped().state_dict().items()}
+
+    def poison(module, args, output):  # only the grad-enabled training forward is poisoned
+        if torch.is_grad_enabled():
+            output.logits = output.logits * float("nan")
+        return output
+
+    trainer._unwrapped().register_forward_hook(poison)
+    with pytest.raises(TrainingDivergedError, match="3 consecutive optimiser steps"):
+        trainer.train()
+    after = trainer._unwrapped().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.skipped_updates == 3
+    assert ckpt.latest_checkpoint(trainer.run_dir) is None
+
+
+def test_nan_state_is_never_checkpointed(tmp_path, problems, tokenizer):
+    trainer = make_trainer(tiny_config(tmp_path, problems), tokenizer)
+    with torch.no_grad():
+        next(trainer._unwrapped().parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteCheckpointError):
+        trainer.save_checkpoint()
+    assert ckpt.latest_checkpoint(trainer.run_dir) is None
+
+
+# ------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("preset", ["grpo", "tis", "bypass"])
+def test_presets_switch_the_objective(tmp_path, problems, tokenizer, preset):
+    """Only ALP perturbs; presets with pi_old recompute it (mismatch_old/* logged)."""
+    cfg = tiny_config(tmp_path, problems, steps=1)
+    cfg.algorithm.preset = preset
+    trainer = make_trainer(cfg, tokenizer)
+    assert trainer.perturbation is None
+    assert trainer.loss_cfg.name == preset
+    row = step_rows(trainer.train().run_dir)[1]
+    assert ("mismatch_old/k3" in row) == (preset != "bypass")
+    assert not any(k.startswith("sigma/") for k in row)
+    if preset == "tis":
+        assert "correction/ess" in row
+
+
+# ------------------------------------------------------------------------------- config
+def test_bad_names_fail_before_any_model_is_loaded(tmp_path, problems, monkeypatch):
+    import alp_agents.models as models
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(models, "load_model", forbidden)
+    monkeypatch.setattr(models, "make_tiny_model", forbidden)
+    cases = [
+        ({"algorithm.preset": "alpp"}, ["alpp", "bypass", "grpo", "'alp'"]),
+        ({"env.id": "alp/Nope-v0"}, ["alp/Nope-v0", "alp/PythonTool-v0"]),
+        ({"env.dataset": "gsm9k"}, ["gsm9k", "gsm8k"]),
+        ({"rollout.engine": "tgi"}, ["tgi", "hf", "vllm"]),
+    ]
+    for change, expected in cases:
+        cfg = tiny_config(tmp_path, problems, **change)
+        with pytest.raises(TrainConfigError) as info:
+            ALPTrainer(cfg)
+        for text in expected:
+            assert text in str(info.value), (change, str(info.value))
+
+
+def test_cli_rejects_unknown_key_and_preset_without_loading(tmp_path):
+    script = str(ROOT / "train" / "multi_turn.py")
+    bad_key = subprocess.run(
+        [sys.executable, script, "optim.lrr=1"], capture_output=True, text=True, timeout=120
+    )
+    assert bad_key.returncode == 2
+    assert "optim.lrr" in bad_key.stderr and "optim.lr" in bad_key.stderr
+    bad_preset = subprocess.run(
+        [sys.executable, script, "--preset", "alpha"], capture_output=True, text=True, timeout=120
+    )
+    assert bad_preset.returncode == 2
+    assert "alpha" in bad_preset.stderr and "gspo" in bad_preset.stderr
+    printed = subprocess.run(
+        [sys.executable, script, "--preset", "gspo", "steps=3", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert "preset: gspo" in printed.stdout and "steps: 3" in printed.stdout
+
+
+def test_validate_accepts_every_shipped_config():
+    from alp_agents.config import load_config
+
+    for path in sorted((ROOT / "train" / "configs").rglob("*.yaml")):
+        if path.name.startswith(("eval", "accelerate")) or "vllm" in path.name:
+            continue
+        validate_config(load_config(TrainConfig, path))
