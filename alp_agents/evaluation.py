@@ -1011,7 +1011,9 @@ def write_reports(
     md_path = run_dir / REPORT_MD
     md_path.write_text(markdown_report(result, cfg, elapsed_s))
     png_path = run_dir / PASS_AT_K_PNG
-    plot_pass_at_k(result, png_path, title=f"{cfg.model} on {cfg.dataset}")
+    split = f" ({cfg.split})" if cfg.split else ""
+    title = f"{Path(cfg.model).name or cfg.model} on {cfg.dataset}{split}, n={result.n}"
+    plot_pass_at_k(result, png_path, title=title)
     return {
         "samples": run_dir / SAMPLES_FILE,
         "config": run_dir / CONFIG_FILE,
@@ -1127,7 +1129,7 @@ def plot_pass_at_k(result: EvalResult, path: str | os.PathLike[str], title: str 
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title(title or "pass@k", fontsize=9)
     ax.legend(fontsize=8)
