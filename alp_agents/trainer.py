@@ -84,7 +84,7 @@ class EnvConfig:
     eval_split: str | None = "test"
     eval_dataset: str | None = None  # held-out problem set if not `dataset` (e.g. math500)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {n: 500} for generators
-    max_turns: int = 3
+    max_turns: int = 2  # code turn + answer turn is all arith needs
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments
 
 
@@ -94,11 +94,11 @@ class RolloutConfig:
 
     engine: str = "hf"  # "hf" (transformers, CPU default) or "vllm"
     engine_dtype: str = "bfloat16"  # the engine's own weight copy (a real mismatch vs fp32)
-    prompts_per_step: int = 8
+    prompts_per_step: int = 4
     group_size: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 128  # per assistant turn
+    max_tokens: int = 64  # per assistant turn
     mask_void_turns: bool = True  # void-turn trajectories get loss mask 0 ...
     void_in_group_stats: bool = True  # ... but their reward still counts for the group baseline
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. vLLM gpu_memory_utilization
@@ -111,8 +111,8 @@ class AlgorithmConfig:
     preset: str = "alp"  # alp | bypass | grpo | gspo | tis | mis
     setting: str = "multi_turn"  # multi_turn | single_turn (preset defaults: dual clip c, KL)
     loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
-    mini_batches: int = 4  # K optimiser steps per rollout batch (staleness)
-    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation)
+    mini_batches: int = 2  # K optimiser steps per rollout batch (staleness)
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
     shuffle: bool = True  # shuffle trajectories before splitting into mini-batches
     advantage_eps: float = 1e-6
 
@@ -133,7 +133,7 @@ class PerturbationConfig:
 class OptimConfig:
     """AdamW over the model (and sigma in its own group), clipping and the LR schedule."""
 
-    lr: float = 1e-6
+    lr: float = 2e-5  # CPU default for a 135M model and 8 steps; the 7B release uses 1e-6
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -147,7 +147,7 @@ class OptimConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str | None = None  # default: runs/<name>-<YYYYmmdd-HHMMSS>
-    name: str = "train"
+    name: str = "multi_turn"
     progress: bool = True
     tensorboard: bool = True
     trajectory_samples_every: int = 1  # steps between saved trajectory samples (0: never)
@@ -167,9 +167,9 @@ class CheckpointConfig:
 class EvalConfig:
     """Held-out evaluation (alp_agents.evaluation), before/after training and every N steps."""
 
-    num_problems: int = 64  # first N problems of env.eval_split (0: no evaluation)
-    k: int = 1  # samples per problem
-    temperature: float = 0.0  # 0 = greedy: lowest-variance before/after comparison
+    num_problems: int = 32  # first N held-out problems (0: no evaluation)
+    k: int = 2  # samples per problem (avg@k, pass@k)
+    temperature: float = 1.0  # the training distribution (greedy already solves most arith)
     top_p: float = 1.0
     max_tokens: int | None = None  # default: rollout.max_tokens
     every: int = 0  # steps between evaluations during training (0: only before/after)
@@ -190,7 +190,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    steps: int = 10
+    steps: int = 8
     seed: int = 0
     max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped updates
 

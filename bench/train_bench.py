@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Training-step speed of ALPTrainer vs TRL's GRPOTrainer, side by side in one run.
+
+Both trainers get the same model (SmolLM2-135M-Instruct), the same prompts (the first problems of
+the single-turn default's training set, rendered by ``alp/Math-v0``), the same group size,
+completion length, batch and number of optimiser steps per generation batch (our K mini-batches
+= TRL's ``steps_per_generation``). Reported per rollout batch (one "step" here = generate the
+batch + K optimiser steps):
+
+* seconds per step (median over the timed steps, after warm-up),
+* update tokens/s (all tokens of the batch through forward+backward, per second of update),
+* achieved update FLOP/s (6 N per token for forward+backward, + 2 N per token for each extra
+  no-grad forward: pi_old / reference) as a fraction of the bf16 matmul throughput measured
+  at the start of this same run.
+
+TRL is only needed for the benchmark (it is not a project dependency)::
+
+    .venv/bin/pip install trl==1.16.0     # adds datasets, pandas, pyarrow; torch is untouched
+    .venv/bin/python bench/train_bench.py             # ~10 minutes on 2 cores
+    .venv/bin/python bench/train_bench.py --skip-trl  # ours only
+
+Target: ours at least 2x faster per step than TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from alp_agents.config import load_config  # noqa: E402
+from alp_agents.trainer import ALPTrainer, TrainConfig  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "single_turn_cpu.yaml"
+
+
+def bf16_matmul_flops(n: int = 2048, reps: int = 10) -> float:
+    """Measured bf16 matmul throughput (FLOP/s) on this machine right now."""
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def bench_ours(cfg: TrainConfig, steps: int, warmup: int) -> dict[str, float]:
+    trainer = ALPTrainer(cfg)
+    n_params = sum(p.numel() for p in trainer._unwrapped().parameters())
+    extra_forwards = int(trainer.ref_model is not None) + int(trainer.loss_cfg.needs_old_logprobs)
+    rows = []
+    for i in range(warmup + steps):
+        m = trainer.train_step()
+        trainer.step += 1
+        if i >= warmup:
+            rows.append(m)
+        print(
+            f"  ours step {i + 1}: {m['time/step_s']:.1f}s (rollout {m['time/rollout_s']:.1f}s, "
+            f"update {m['time/update_s']:.1f}s)",
+            flush=True,
+        )
+    step_s = statistics.median(r["time/step_s"] for r in rows)
+    upd_s = statistics.median(r["time/update_s"] for r in rows)
+    tok_s = statistics.median(r["throughput/update_tokens_per_s"] for r in rows)
+    flops = (6 + 2 * extra_forwards) * n_params * tok_s
+    return {"step_s": step_s, "update_s": upd_s, "update_tok_s": tok_s, "update_flops": flops}
+
+
+def bench_trl(cfg: TrainConfig, prompts: list, steps: int, warmup: int) -> dict[str, float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alp_agents.models import load_model, load_tokenizer
+
+    model = load_model(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    k = cfg.algorithm.mini_batches
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    def reward(completions, **kw):
+        tokens.append(sum(len(tokenizer(c[0]["content"])["input_ids"]) for c in completions))
+        return [float("\\boxed" in c[0]["content"]) for c in completions]
+
+    data = Dataset.from_list([{"prompt": p} for p in prompts])
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch // k,
+        steps_per_generation=k,
+        num_generations=cfg.rollout.group_size,
+        max_completion_length=cfg.rollout.max_tokens,
+        max_steps=(warmup + steps) * k,
+        learning_rate=cfg.optim.lr,
+        beta=0.001,
+        temperature=cfg.rollout.temperature,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    # One of our steps = one generation + k optimiser steps = k TRL steps.
+    per_batch = [sum(times[i : i + k]) for i in range(0, len(times), k)][warmup:]
+    step_s = statistics.median(per_batch)
+    return {"step_s": step_s, "n_params": n_params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=3, help="timed rollout batches per trainer")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. rollout.group_size=8")
+    args = ap.parse_args()
+
+    cfg = load_config(TrainConfig, CONFIG, args.overrides)
+    cfg.eval.num_problems = 0
+    cfg.logging.run_dir = tempfile.mkdtemp(prefix="train_bench-")
+    cfg.logging.progress = False
+    cfg.logging.tensorboard = False
+    cfg.logging.plots = False
+    cfg.checkpoint.export = False
+    peak = bf16_matmul_flops()
+    print(f"bf16 matmul throughput: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"setting: {cfg.model.name}, {cfg.env.id} ({cfg.env.dataset}), "
+        f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size}, "
+        f"max {cfg.rollout.max_tokens} new tokens, {cfg.algorithm.mini_batches} optimiser steps "
+        f"per batch, preset {cfg.algorithm.preset}",
+        flush=True,
+    )
+    ours = bench_ours(cfg, args.steps, args.warmup)
+    print(
+        f"ours: {ours['step_s']:.2f} s/step, update {ours['update_s']:.2f} s, "
+        f"{ours['update_tok_s']:.0f} update tok/s, {ours['update_flops'] / 1e9:.0f} GFLOP/s "
+        f"= {ours['update_flops'] / peak:.1%} of bf16 matmul peak",
+        flush=True,
+    )
+    if args.skip_trl:
+        return
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL not installed: `.venv/bin/pip install trl==1.16.0` to run the baseline")
+        return
+    import envs
+
+    env = envs.make(cfg.env.id, dataset=cfg.env.dataset, split=cfg.env.train_split)
+    problems = envs.load_dataset(cfg.env.dataset, split=cfg.env.train_split)
+    n = cfg.rollout.prompts_per_step * (args.steps + args.warmup) * 2
+    prompts = [env.reset(options={"problem_id": p.id})[1]["messages"] for p in problems[:n]]
+    env.close()
+    trl_res = bench_trl(cfg, prompts, args.steps, args.warmup)
+    print(f"TRL GRPOTrainer: {trl_res['step_s']:.2f} s/step", flush=True)
+    print(f"speed-up per step: {trl_res['step_s'] / ours['step_s']:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
