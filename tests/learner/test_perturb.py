@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -269,20 +267,16 @@ def test_misuse_errors():
     assert m["sigma/mean"] == pytest.approx(0.02) and m["sigma/grad_norm"] == 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_hooks_fire_through_ddp_wrapper():
+@pytest.mark.timeout(120)
+def test_hooks_fire_through_ddp_wrapper(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
+    # a file store: no TCP port to race for with other processes on the machine
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
         model = tiny("llama", layers=2)
@@ -302,3 +296,26 @@ def test_hooks_fire_through_ddp_wrapper():
         assert clean.shape == (2, 12, VOCAB)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_real_smollm2_multi_turn_sigma():
+    """The default model: 30 layers found, sigma_0 = 1e-6 (multi-turn release) still reaches
+    the log-probs under bf16 autocast, sigma gets a gradient, and removal restores the model."""
+    from alp_agents.models import load_model
+
+    model = load_model()  # a private copy; the session fixture must not get hooks
+    model.train()
+    ids = torch.randint(3, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        clean = token_logprobs(model, ids)
+    pert = LayerwisePerturbation(model, sigma_init=1e-6)
+    assert pert.stack_name == "model.layers" and pert.layers == list(range(30))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pert.active(seed=123):
+        lp = token_logprobs(model, ids)
+    assert not torch.equal(lp.detach(), clean)
+    lp[:, 1:].sum().backward()
+    assert torch.isfinite(pert.log_sigma.grad).all() and (pert.log_sigma.grad != 0).all()
+    pert.remove()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(token_logprobs(model, ids), clean)
