@@ -214,6 +214,7 @@ class LocalSandbox:
         self._server_command = command
         self._workers = [self._make_worker(i) for i in range(self.n_workers)]
         self._pool_lock = threading.Condition()
+        self._start_lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
@@ -225,6 +226,11 @@ class LocalSandbox:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> LocalSandbox:
+        """Start the servers (done lazily by the first call; idempotent and thread-safe)."""
+        with self._start_lock:
+            return self._start_locked()
+
+    def _start_locked(self) -> LocalSandbox:
         if self._started:
             return self
         if self._closed:

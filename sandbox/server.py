@@ -2,10 +2,10 @@
 
 Start-up (``python -m sandbox.server --request-fd R --reply-fd W``), in order:
 
-1. pre-import numpy, sympy and the stdlib modules math code uses, and warm them up;
-2. unshare the per-server namespaces (mount, network, ipc, uts, pid) and fork: the child is
+1. unshare the per-server namespaces (mount, network, ipc, uts, pid) and fork: the child is
    PID 1 of the new pid namespace and becomes the server, the parent (the "launcher") only
    waits for it and removes the server's cgroups afterwards, even if the server was killed;
+2. pre-import numpy, sympy and the stdlib modules math code uses, and warm them up;
 3. mount a private ``/proc`` (hidepid) and hide home directories and the caller's directory;
 4. probe the per-kernel layers end to end with a real kernel (uid drop + lazy imports, seccomp,
    cgroups) and keep only those that work;
@@ -540,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hide", action="append", default=[], help="directory to hide")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the host, which shuts us down
-    preimport()
     report = isolation.IsolationReport()
     launcher_pid = os.getpid()
     if not args.no_isolation:
@@ -552,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         # (getppid() is 0 here: the launcher lives outside our pid namespace, so the usual
         # "did the parent die before prctl" check cannot be made; the window is microseconds.)
         isolation.set_parent_death_signal(signal.SIGKILL)
+    preimport()  # after the fork: the launcher stays a small process
     if report.mount_namespace:
         keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
         keep += [p for p in sys.path if p and os.path.isdir(p)]

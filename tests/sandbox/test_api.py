@@ -318,3 +318,15 @@ def test_session_cpu_budget_is_per_call_not_per_session():
         # 3 x 0.5 s of CPU > the 1 s per-call budget, but each call stays within it
         assert [s.run(burn).status for _ in range(3)] == ["ok"] * 3
         assert s.run("while True:\n    pass\n").status == "timeout"
+
+
+def test_lazy_start_from_many_threads_starts_each_server_once():
+    sb = LocalSandbox(workers=2)
+    try:
+        results = sb.run_many(["print(1)"] * 8)  # 8 threads race to start the sandbox
+        assert [r.stdout for r in results] == ["1\n"] * 8
+        assert len(set(sb.launcher_pids)) == 2
+    finally:
+        launchers = sb.launcher_pids
+        sb.close()
+    assert cgroups_of_servers(launchers) == []
