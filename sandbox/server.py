@@ -270,7 +270,9 @@ class Server:
         timeout, output flood or death (the caller decides about the healthy case)."""
         out = HeadTailBuffer(limits.max_output_bytes)
         err = HeadTailBuffer(limits.max_output_bytes)
-        for fd in (kernel.out_r, kernel.err_r):  # discard what background threads left over
+        # Discard what background threads left over, and any completion message a previous
+        # cell forged or left behind, so this cell's answer is read in step.
+        for fd in (kernel.out_r, kernel.err_r, kernel.done_r):
             _drain(fd, None)
         oom_before = kernel.cgroups.oom_kills() if kernel.cgroups else 0
         fail_before = kernel.cgroups.failcnt() if kernel.cgroups else 0

@@ -330,3 +330,18 @@ def test_lazy_start_from_many_threads_starts_each_server_once():
         launchers = sb.launcher_pids
         sb.close()
     assert cgroups_of_servers(launchers) == []
+
+
+def test_a_forged_completion_message_does_not_desynchronise_a_session(sb):
+    with sb.session() as s:
+        forged = (
+            "import os, json, struct, time\n"
+            "body = json.dumps({'exit': 0, 'exc': None}).encode()\n"
+            "os.write(4, struct.pack('>I', len(body)) + body)\n"
+            "time.sleep(0.3)\n"
+            "late = 'late'\n"
+        )
+        assert s.run(forged).status == "ok"
+        time.sleep(0.5)
+        assert s.run("print(late)").stdout == "late\n"
+        assert s.run("print(2 + 2)").stdout == "4\n"
