@@ -68,6 +68,7 @@ class _Worker:
         self.lock = threading.Lock()
         self.sessions = 0
         self.generation = 0  # bumped on every (re)start; sessions notice a restart
+        self.abandoned: list[tuple[int, int]] = []  # (generation, kernel id) to close
         self.process: subprocess.Popen | None = None
         self.isolation: isolation.IsolationReport | None = None
         self.launcher_pid: int | None = None
@@ -140,6 +141,13 @@ class _Worker:
         """Send and wait; on failure the server is killed and restarted and None returned."""
         if self.process is None or self.process.poll() is not None:
             self.restart()
+        while self.abandoned:  # kernels of sessions garbage-collected without close()
+            generation, kid = self.abandoned.pop()
+            if generation == self.generation:
+                self._exchange({"op": "close", "kid": kid}, 5.0)
+        return self._exchange(message, timeout_s)
+
+    def _exchange(self, message: dict, timeout_s: float) -> dict | None:
         try:
             protocol.write_message(self.request_w, message)
             reply = self._read_reply(time.monotonic() + timeout_s + HOST_GRACE_S)
@@ -418,6 +426,15 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # Never take locks here (the collector may run while this thread holds one): leave
+        # the kernel id to the worker, which closes it before its next request.
+        if not getattr(self, "_closed", True) and self._worker is not None:
+            if self._kid is not None:
+                self._worker.abandoned.append((self._generation, self._kid))
+            self._worker.sessions -= 1
+            self._closed = True
+
     def open(self) -> None:
         sandbox = self.sandbox
         sandbox.start()
@@ -457,7 +474,7 @@ class Session:
             )
             if reply is not None and reply.get("dead"):
                 self._kid, self._lost_state = None, True
-                return self.run_locked_retry(code, worker, start)
+                return self._retry_after_dead_kernel(code, worker, start)
         finally:
             self.sandbox._release(worker)
         if reply is None:
@@ -472,7 +489,7 @@ class Session:
             result = ExecutionResult(**{**result.to_dict(), "stderr": note + result.stderr})
         return result
 
-    def run_locked_retry(self, code, worker, start) -> ExecutionResult:
+    def _retry_after_dead_kernel(self, code, worker, start) -> ExecutionResult:
         """The kernel was found dead before running: start a new one and run once more."""
         if not self._open_kernel():
             return ExecutionResult.infrastructure_error(

@@ -345,3 +345,18 @@ def test_a_forged_completion_message_does_not_desynchronise_a_session(sb):
         time.sleep(0.5)
         assert s.run("print(late)").stdout == "late\n"
         assert s.run("print(2 + 2)").stdout == "4\n"
+
+
+def test_a_session_dropped_without_close_is_cleaned_up(sb):
+    import gc
+
+    s = sb.session()
+    s.run("import subprocess\np = subprocess.Popen(['sleep', '60'])")
+    assert sb.audit()["stray_processes"]  # the sleep
+    del s
+    gc.collect()
+    sb.run("pass")  # the worker closes abandoned kernels before its next request
+    deadline = time.monotonic() + 3
+    while sb.audit()["stray_processes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sb.audit()["stray_processes"] == []
