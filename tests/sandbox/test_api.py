@@ -29,7 +29,7 @@ def test_ok_result_fields(sb):
         0,
         False,
     )
-    assert r.ok and 0 < r.duration_s < 2.0
+    assert r.ok and r.duration_s > 0
     assert r.status in STATUSES
 
 
@@ -97,10 +97,9 @@ def test_stderr_and_stdout_are_separate(sb):
 
 
 def test_per_call_limits_override_the_default(sb):
-    t0 = time.monotonic()
     r = sb.run("while True: pass", limits=Limits(timeout_s=0.3))
     assert r.status == "timeout"
-    assert time.monotonic() - t0 < 1.9  # shorter than the sandbox's 2 s default
+    assert "exceeded its 0.3 s limit" in r.stderr  # not the sandbox's 2 s default
 
 
 def test_cpu_limit_is_a_timeout(sb):
