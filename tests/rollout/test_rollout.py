@@ -164,30 +164,37 @@ def test_env_factory_and_problem_ids(template_tokenizers):
 # ------------------------------------------------------------------------------ slow: SmolLM2
 
 
-@pytest.fixture(scope="module")
-def multi_turn_runs(template_tokenizers, smollm2_bf16):
-    """One real multi-turn PythonTool run per template (SmolLM2, bf16 engine, real sandbox)."""
-    runs = {}
-    for name in TEMPLATES:
-        tok = template_tokenizers[name]
-        engine = RecordingEngine(real_engine_for(smollm2_bf16, tok))
-        stats = {}
-        trajs = run_episodes(
-            "alp/PythonTool-v0", engine, tok, problems(2), group_size=2,
-            sampling=SamplingParams(max_tokens=80, temperature=0.7), env_kwargs=ARITH,
-            max_turns=3, max_observation_tokens=12, progress=False, seed=0, stats=stats,
-        )  # fmt: skip
-        runs[name] = (tok, engine, trajs, stats)
-    return runs
+_RUNS: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def multi_turn_run(template_tokenizers, smollm2_bf16):
+    """One real multi-turn PythonTool run per template (SmolLM2, bf16 engine, real sandbox),
+    made on first use and shared by the tests of that template."""
+
+    def get(name):
+        if name not in _RUNS:
+            tok = template_tokenizers[name]
+            engine = RecordingEngine(real_engine_for(smollm2_bf16, tok))
+            stats = {}
+            trajs = run_episodes(
+                "alp/PythonTool-v0", engine, tok, problems(1), group_size=3,
+                sampling=SamplingParams(max_tokens=64, temperature=0.7), env_kwargs=ARITH,
+                max_turns=2, max_observation_tokens=12, progress=False, seed=0, stats=stats,
+            )  # fmt: skip
+            _RUNS[name] = (tok, engine, trajs, stats)
+        return _RUNS[name]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TEMPLATES)
-def test_multi_turn_invariants_with_the_real_model(multi_turn_runs, name):
+def test_multi_turn_invariants_with_the_real_model(multi_turn_run, name):
     """Invariants 1-5 on real multi-turn episodes (code, sandbox output, answers)."""
-    tok, engine, trajs, stats = multi_turn_runs[name]
+    tok, engine, trajs, stats = multi_turn_run(name)
     assert max(t.num_turns for t in trajs) >= 2, "expected the model to use the tool"
-    assert engine.rounds == stats["rounds"] <= 3  # one generate call per round for all episodes
+    assert engine.rounds == stats["rounds"] <= 2  # one generate call per round for all episodes
     # 1 + 2: ids verbatim, mask 1 exactly on sampled ids, template tokens exactly the deltas.
     check_token_in_token_out(trajs, engine.calls)
     for traj in trajs:
