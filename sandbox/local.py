@@ -418,6 +418,7 @@ class Session:
         self._generation = 0
         self._lost_state = False
         self._closed = False
+        self._open_error = ""
 
     def __enter__(self) -> Session:
         self.open()
@@ -445,6 +446,7 @@ class Session:
     def _open_kernel(self) -> bool:
         reply = self._worker.request({"op": "open", "limits": self.limits.to_dict()}, 10.0)
         if reply is None or "kid" not in reply:
+            self._open_error = (reply or {}).get("error", "the server did not answer")
             return False
         self._kid, self._generation = reply["kid"], self._worker.generation
         return True
@@ -464,7 +466,8 @@ class Session:
             if self._kid is None:
                 if not self._open_kernel():
                     return ExecutionResult.infrastructure_error(
-                        "could not start a session process", time.monotonic() - start
+                        f"could not start a session process: {self._open_error}",
+                        time.monotonic() - start,
                     )
                 if self._lost_state:
                     note, self._lost_state = self.RESTART_NOTE, False

@@ -393,7 +393,10 @@ class Server:
             self.after_reply.append(kernel)  # killed once the host has its answer
             return result
         if op == "open":
-            kernel = self._fresh_kernel(limits)
+            try:
+                kernel = self._fresh_kernel(limits)
+            except RuntimeError as exc:  # out of slots: the caller's problem, not a crash
+                return {"error": str(exc)}
             return {"kid": kernel.kid}
         if op == "exec":
             kernel = self.kernels.get(request["kid"])
