@@ -179,30 +179,42 @@ class _NoiseSource:
 
 
 class _AddSeededNoise(torch.autograd.Function):
-    """``y = h + exp(s) * eps(seed)`` computed in float32; eps is redrawn in backward, not saved."""
+    """``y = h + exp(s) * eps(seed)`` computed in float32.
+
+    For ``d/ds`` the backward redraws eps from the seed (default) or, with ``store``, reads a
+    float32 copy kept from the forward (one draw less, one hidden-state tensor more per layer).
+    """
 
     @staticmethod
-    def forward(ctx, h, log_sigma, source, seed, layer_id, out_dtype, on_backward):  # type: ignore[override]
+    def forward(ctx, h, log_sigma, source, seed, layer_id, out_dtype, on_backward, store):  # type: ignore[override]
         eps = source.draw(seed, layer_id, h.shape, h.device)
         sigma = log_sigma.detach().exp()
         ctx.source, ctx.seed, ctx.layer_id, ctx.in_dtype = source, seed, layer_id, h.dtype
         ctx.on_backward = on_backward
-        ctx.save_for_backward(sigma)
+        ctx.stored = store and log_sigma.requires_grad
+        if ctx.stored:
+            ctx.save_for_backward(sigma, eps.clone())
+        else:
+            ctx.save_for_backward(sigma)
         compute = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 models
         return torch.add(h.to(compute), eps.mul_(sigma).to(compute)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (sigma,) = ctx.saved_tensors
+        sigma, *kept = ctx.saved_tensors
         ctx.on_backward()
         grad_h = grad.to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            eps = ctx.source.draw(ctx.seed, ctx.layer_id, grad.shape, grad.device)
+            eps = (
+                kept[0]
+                if kept
+                else ctx.source.draw(ctx.seed, ctx.layer_id, grad.shape, grad.device)
+            )
             compute = torch.promote_types(grad.dtype, torch.float32)
             g = grad.to(compute).reshape(-1)
             grad_s = (torch.dot(g, eps.reshape(-1).to(compute)) * sigma).reshape(()).to(sigma.dtype)
-        return grad_h, grad_s, None, None, None, None, None
+        return grad_h, grad_s, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +233,9 @@ class LayerwisePerturbation:
             ``range(12, 18)``, ``[0, 5]``. Ignored for ``target="logits"``.
         target: ``"hidden"`` (the paper's method) or ``"logits"`` (the logits-only ablation:
             ``z + sigma * eps`` on the LM head output, returned in float32).
+        store_noise: keep each layer's float32 noise for backward instead of redrawing it from
+            the seed (saves one draw per layer per update, costs 4 bytes per hidden unit per
+            token per layer of activation memory; see docs/alp.md for measurements).
 
     Noise is added in float32. If the model itself runs in bf16 the sum is rounded back to bf16
     (a tiny sigma then changes almost nothing; ``realised_sigmas()`` reports what was applied).
@@ -235,12 +250,14 @@ class LayerwisePerturbation:
         learnable: bool = True,
         layers: Any = None,
         target: str = "hidden",
+        store_noise: bool = False,
     ) -> None:
         if target not in _TARGETS:
             raise ValueError(f"target={target!r}: choose one of {', '.join(_TARGETS)}")
         inner = _unwrap(model)
         self.target = target
         self.learnable = learnable
+        self.store_noise = store_noise
         self.stack_name, stack = find_decoder_layers(inner)
         self.num_model_layers = len(stack)
         if target == "hidden":
@@ -346,6 +363,7 @@ class LayerwisePerturbation:
             layer_id,
             out_dtype,
             lambda: self._pending.pop(key, None),
+            self.store_noise,
         )
         if out_dtype in (torch.float16, torch.bfloat16) and self._seed is not None:
             with torch.no_grad():

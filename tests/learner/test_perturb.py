@@ -157,6 +157,19 @@ def test_checkpoint_wrapping_the_hooks_replays_same_noise(reentrant):
     assert not pert._pending
 
 
+def test_store_noise_gives_the_same_gradients():
+    model = tiny("gpt2", layers=2)
+    model.train()
+    ids, mask = batch()
+    redraw = LayerwisePerturbation(model, sigma_init=0.05)
+    ref = grads_of(model, redraw, ids, mask)
+    redraw.remove()
+    stored = LayerwisePerturbation(model, sigma_init=0.05, store_noise=True)
+    got = grads_of(model, stored, ids, mask)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    assert all(torch.equal(a, b) for a, b in zip(ref[2], got[2], strict=True))
+
+
 def test_layer_range_only_touches_selected_layers():
     model = tiny("llama", layers=4)
     _, stack = find_decoder_layers(model)
