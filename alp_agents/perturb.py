@@ -18,7 +18,8 @@ Properties the trainer relies on (all tested):
   so the same seed gives the same noise and a gradient-checkpoint recomputation sees identical
   noise (wherever the checkpoint sits relative to the hooks).
 - Memory-neutral: the noise is drawn in float32 into one reusable buffer and not kept for
-  backward; the backward redraws it from the seed to form ``d loss / d s_l``.
+  backward; the backward redraws it from the seed to form ``d loss / d s_l``
+  (``store_noise=True`` keeps a copy instead: one draw less, more activation memory).
 - Sigma lives here, not in the model: ``model.state_dict()``/``save_pretrained`` and weights
   synced to an inference engine never contain it. Use ``pert.parameters()`` for a separate
   optimiser group and ``pert.state_dict()`` for checkpoints.
