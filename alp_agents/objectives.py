@@ -479,7 +479,7 @@ def policy_loss(
     Returns:
         ``(loss, metrics)``: a scalar float32 loss and a dict of floats (keys documented in
         docs/alp.md: ``loss/*``, ``ratio/*``, ``seq_log_ratio/*``, ``clip/*``, ``mismatch/*``,
-        ``mismatch_old/*``, ``correction/*``, ``entropy``, ``kl_ref/k3``, ``tokens``, ...).
+        ``mismatch_old/*``, ``correction/*``, ``entropy``, ``tokens``, ...).
 
     >>> import torch
     >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
