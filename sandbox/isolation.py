@@ -25,6 +25,7 @@ import errno
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -186,11 +187,55 @@ def _ancestors_or_self(path: str) -> set[str]:
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys", "/run")
 
 
+def python_paths() -> list[str]:
+    """The directories this interpreter imports from: they must stay visible to snippets."""
+    keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    return keep + [p for p in sys.path if p and os.path.isdir(p)]
+
+
+def cover_with_tmpfs(target: str, keep: list[str], staging: str, options: str) -> None:
+    """Mount a fresh tmpfs (``options``) over ``target``, binding ``keep`` paths inside it back.
+
+    The kept paths come back read-only, so covering a directory that holds the Python
+    installation (a virtualenv under /tmp or /root, say) does not break lazy imports.
+    ``staging`` must be a directory on which a tmpfs may be mounted temporarily. Needs a
+    private mount namespace.
+    """
+    inside = sorted(
+        {k for k in map(os.path.realpath, keep) if k.startswith(target + "/") and os.path.exists(k)}
+    )
+    # Drop keeps nested in other keeps (the outer bind brings them along).
+    inside = [k for k in inside if not any(k.startswith(o + "/") for o in inside if o != k)]
+    if not inside:
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        return
+    mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    try:
+        staged = []
+        for i, keep_path in enumerate(inside):
+            spot = os.path.join(staging, str(i))
+            os.mkdir(spot)
+            mount(keep_path, spot, None, MS_BIND | MS_REC)
+            staged.append((keep_path, spot))
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+        for keep_path, spot in staged:
+            os.makedirs(keep_path, mode=0o755, exist_ok=True)
+            mount(spot, keep_path, None, MS_MOVE)
+            mount("none", keep_path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+    finally:
+        with contextlib.suppress(OSError):
+            _check(_libc.umount2(staging.encode(), 2), "umount staging")
+
+
+def _staging_dir() -> str:
+    return "/mnt" if os.path.isdir("/mnt") else "/media"
+
+
 def hide_directories(hidden: list[str], keep: list[str], staging: str) -> list[str]:
     """Cover each ``hidden`` dir with an empty tmpfs, binding the ``keep`` paths back read-only.
 
-    ``staging`` must be a directory on which a tmpfs may be mounted temporarily. Returns the
-    directories actually hidden. Needs a private mount namespace.
+    System directories and their ancestors are never hidden. Returns the directories actually
+    hidden. Needs a private mount namespace.
     """
     protected = set()
     for system_dir in _SYSTEM_DIRS:
@@ -200,31 +245,7 @@ def hide_directories(hidden: list[str], keep: list[str], staging: str) -> list[s
         inside_system = any(target.startswith(d + "/") for d in _SYSTEM_DIRS)
         if target in protected or inside_system or not os.path.isdir(target):
             continue
-        inside = sorted(
-            {
-                k
-                for k in map(os.path.realpath, keep)
-                if k.startswith(target + "/") and os.path.exists(k)
-            }
-        )
-        # Drop keeps nested in other keeps (the outer bind brings them along).
-        inside = [k for k in inside if not any(k.startswith(o + "/") for o in inside if o != k)]
-        mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        try:
-            staged = []
-            for i, keep_path in enumerate(inside):
-                spot = os.path.join(staging, str(i))
-                os.mkdir(spot)
-                mount(keep_path, spot, None, MS_BIND | MS_REC)
-                staged.append((keep_path, spot))
-            mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-            for keep_path, spot in staged:
-                os.makedirs(keep_path, mode=0o755, exist_ok=True)
-                mount(spot, keep_path, None, MS_MOVE)
-                mount("none", keep_path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        finally:
-            with contextlib.suppress(OSError):
-                _check(_libc.umount2(staging.encode(), 2), "umount staging")
+        cover_with_tmpfs(target, keep, staging, "mode=0755,size=1m")
         done.append(target)
     return done
 
@@ -238,9 +259,7 @@ def setup_server_mounts(report: IsolationReport, hidden: list[str], keep: list[s
     except OSError as exc:
         report.notes.append(f"hidden_proc: {exc}")
     try:
-        hidden_now = hide_directories(
-            hidden, keep, staging="/mnt" if os.path.isdir("/mnt") else "/media"
-        )
+        hidden_now = hide_directories(hidden, keep, staging=_staging_dir())
         report.hidden_home = "/root" in hidden_now or "/home" in hidden_now
         if hidden_now:
             report.notes.append("hidden: " + ",".join(hidden_now))
@@ -258,9 +277,12 @@ def setup_kernel_tmp(disk_mb: int) -> None:
     its uid) and disappears with its mount namespace when the kernel's processes are gone.
     """
     unshare(CLONE_NEWNS | CLONE_NEWIPC)  # SysV/POSIX IPC objects also die with the kernel
+    keep = python_paths()  # an interpreter living under /tmp must stay importable
     for path in WRITABLE_SCRATCH:
         if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={disk_mb}m")
+            cover_with_tmpfs(
+                os.path.realpath(path), keep, _staging_dir(), f"mode=1777,size={disk_mb}m"
+            )
 
 
 # ----------------------------------------------------------------------------- cgroups (v1)

@@ -558,8 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         isolation.set_parent_death_signal(signal.SIGKILL)
     preimport()  # after the fork: the launcher stays a small process
     if report.mount_namespace:
-        keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-        keep += [p for p in sys.path if p and os.path.isdir(p)]
+        keep = isolation.python_paths()
         hidden = ["/root", "/home", *args.hide]
         isolation.setup_server_mounts(report, hidden, keep)
     if report.uts_namespace:
