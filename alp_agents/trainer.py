@@ -112,7 +112,7 @@ class AlgorithmConfig:
     setting: str = "multi_turn"  # multi_turn | single_turn (preset defaults: dual clip c, KL)
     loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
     mini_batches: int = 2  # K optimiser steps per rollout batch (staleness)
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    micro_batch_size: int = 2  # sequences per forward/backward (gradient accumulation; memory)
     shuffle: bool = True  # shuffle trajectories before splitting into mini-batches
     advantage_eps: float = 1e-6
 
