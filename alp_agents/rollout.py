@@ -336,7 +336,7 @@ def _start_episode(
         messages=messages,
         prompt_ids=list(delta.prompt_ids),
         stops=list(getattr(base, "stop_sequences", []) or []),
-        metrics={"turns": [], "observation_tokens_dropped": 0},
+        metrics={"turns": [], "observation_tokens_dropped": 0, "initial_messages": len(messages)},
     )
 
 

@@ -34,11 +34,30 @@ def smollm2_bf16(default_model_path):
     return load_model(default_model_path)
 
 
+# Added Llama-3 tokens start as copies of their ChatML counterparts, so the 135M model still
+# follows the conversation (and, with tied embeddings, samples <|eot_id|> as it would <|im_end|>).
+COUNTERPARTS = {
+    "<|begin_of_text|>": "<|endoftext|>",
+    "<|start_header_id|>": "<|im_start|>",
+    "<|end_header_id|>": "\n",
+    "<|eot_id|>": "<|im_end|>",
+}
+
+
 def real_engine_for(model, tok):
     """HFEngine (bf16) on SmolLM2, with embeddings grown to cover ``tok``'s added tokens."""
+    import torch
+
     from alp_agents.engines import HFEngine
 
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model = copy.deepcopy(model)
-        model.resize_token_embeddings(len(tok), mean_resizing=True)
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        with torch.no_grad():
+            for new, old in COUNTERPARTS.items():
+                new_id = tok.convert_tokens_to_ids(new)
+                old_id = tok.encode(old, add_special_tokens=False)[0]
+                emb[new_id] = emb[old_id]
+                head[new_id] = head[old_id]
     return HFEngine(model, tok)

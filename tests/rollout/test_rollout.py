@@ -19,7 +19,9 @@ from alp_agents.rollout import run_episodes
 from .conftest import real_engine_for
 from .rollout_helpers import TEMPLATES, RecordingEngine, check_token_in_token_out
 
-BF16_MEAN_TOL, BF16_MAX_TOL = 0.1, 0.5  # see test_engines.py for the measurement
+# bf16 engine vs one full bf16 forward (see test_engines.py). Multi-turn contexts are longer and
+# temperature 0.7 scales logits by 1/0.7: measured mean 0.008 nats, one token at 0.53.
+BF16_MEAN_TOL, BF16_MAX_TOL = 0.1, 1.0
 ARITH = {"dataset": "arith", "split": "train"}
 
 
@@ -60,7 +62,7 @@ def check_template_tokens(traj, tok):
 
 
 def _initial_count(traj):
-    return next(i for i, m in enumerate(traj.messages) if m["role"] == "assistant")
+    return traj.metrics["initial_messages"]  # the env's initial chat (one-shot example included)
 
 
 # ------------------------------------------------------------------------------ fast
@@ -194,7 +196,11 @@ def test_multi_turn_invariants_with_the_real_model(multi_turn_run, name):
     """Invariants 1-5 on real multi-turn episodes (code, sandbox output, answers)."""
     tok, engine, trajs, stats = multi_turn_run(name)
     assert max(t.num_turns for t in trajs) >= 2, "expected the model to use the tool"
-    assert engine.rounds == stats["rounds"] <= 2  # one generate call per round for all episodes
+    # One generate call per round for all live episodes.
+    assert engine.rounds == stats["rounds"] >= max(t.num_turns for t in trajs)
+    assert len(engine.calls) == sum(len(t.metrics["turns"]) for t in trajs) + sum(
+        turn["segments"] - 1 for t in trajs for turn in t.metrics["turns"]
+    )
     # 1 + 2: ids verbatim, mask 1 exactly on sampled ids, template tokens exactly the deltas.
     check_token_in_token_out(trajs, engine.calls)
     for traj in trajs:
