@@ -17,12 +17,19 @@ _EXPORTS: dict[str, str] = {
     "load_model": "alp_agents.models",
     "load_tokenizer": "alp_agents.models",
     "DEFAULT_MODEL": "alp_agents.models",
+    "resolve_model_path": "alp_agents.models",
+    "make_tiny_model": "alp_agents.models",
     "load_config": "alp_agents.config",
     "ConfigError": "alp_agents.config",
+    "parse_cli": "alp_agents.config",
     "RunLogger": "alp_agents.runlog",
     # rollout
     "Trajectory": "alp_agents.trajectory",
     "collate": "alp_agents.trajectory",
+    "save_jsonl": "alp_agents.trajectory",
+    "load_jsonl": "alp_agents.trajectory",
+    "TrajectoryError": "alp_agents.trajectory",
+    "ChatDelta": "alp_agents.chat",
     "InferenceEngine": "alp_agents.engines",
     "SamplingParams": "alp_agents.engines",
     "Sample": "alp_agents.engines",
@@ -34,10 +41,17 @@ _EXPORTS: dict[str, str] = {
     "PolicyLossConfig": "alp_agents.objectives",
     "policy_loss": "alp_agents.objectives",
     "grpo_advantages": "alp_agents.advantages",
+    "token_logprobs": "alp_agents.logprobs",
     # training and evaluation
     "ALPTrainer": "alp_agents.trainer",
     "TrainConfig": "alp_agents.trainer",
+    "TrainResult": "alp_agents.trainer",
+    "TrainingDivergedError": "alp_agents.trainer",
+    "plot_run": "alp_agents.plots",
     "evaluate": "alp_agents.evaluation",
+    "evaluate_with_engine": "alp_agents.evaluation",
+    "EvalConfig": "alp_agents.evaluation",
+    "EvalResult": "alp_agents.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)
