@@ -60,6 +60,19 @@ def _note(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _label(ax: Any, ylabel: str, title: str) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _moving_average(ys: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, y in enumerate(ys):
@@ -86,14 +99,9 @@ def plot_reward(rows: Sequence[dict[str, Any]], path: Path, eval_key: str | None
         ax.plot(tx, ty, ":", color="tab:green", label="tool-use rate (train)")
     if not (xs or ex):
         _note(ax, "no reward logged")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward / score")
-    ax.set_title("Reward and held-out score")
-    ax.grid(alpha=0.3)
+    _label(ax, "reward / score", "Reward and held-out score")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 _BANDS = ((1, 99, 0.15), (2, 98, 0.3), (5, 95, 0.45))  # drawn outermost first
@@ -145,9 +153,7 @@ def plot_ratio_envelope(rows: Sequence[dict[str, Any]], path: Path) -> None:
         axes[1].set_title("Sequence log-ratio envelope")
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("log ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_kl(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -166,13 +172,8 @@ def plot_kl(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.legend(loc="best", fontsize=8)
     else:
         _note(ax, "no KL logged")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL estimate")
-    ax.set_title("Trainer vs inference-engine KL")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _label(ax, "KL estimate", "Trainer vs inference-engine KL")
+    _save(fig, path)
 
 
 def plot_sigma(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -188,13 +189,8 @@ def plot_sigma(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_yscale("log")
     else:
         _note(ax, "no perturbation in this run (sigma not logged)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sigma")
-    ax.set_title("Perturbation scale per layer")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _label(ax, "sigma", "Perturbation scale per layer")
+    _save(fig, path)
 
 
 def plot_run(run_dir: str | os.PathLike, eval_metric: str | None = None) -> dict[str, Path]:
