@@ -14,9 +14,12 @@ a forward hook on the output embedding (``model.get_output_embeddings()``): ``z 
 Properties the trainer relies on (all tested):
 - Off unless inside ``with pert.active(seed=...)``: generation, evaluation, reference and pi_old
   forwards are untouched (bit-identical), and so is everything after ``pert.remove()``.
-- Reproducible: layer ``l`` draws from its own generator seeded with ``seed + l`` on every call,
-  so the same seed gives the same noise and a gradient-checkpoint recomputation sees identical
-  noise (wherever the checkpoint sits relative to the hooks).
+- Reproducible: layer ``l`` draws from its own generator seeded with ``seed + l``, so the same
+  seed gives the same noise and a gradient-checkpoint recomputation sees identical noise
+  (wherever the checkpoint sits relative to the hooks). The n-th forward through a layer inside
+  one ``active()`` block uses a seed derived from ``(seed, n)`` (the first uses ``seed`` itself),
+  so a micro-batch computed in several forwards (a shared prompt prefix, then the per-row
+  continuations) gets independent noise in each, never the same draw twice.
 - Memory-neutral: the noise is drawn in float32 into one reusable buffer and not kept for
   backward; the backward redraws it from the seed to form ``d loss / d s_l``
   (``store_noise=True`` keeps a copy instead: one draw less, more activation memory).
@@ -51,10 +54,23 @@ from torch import nn
 
 from alp_agents import metrics as M
 
-__all__ = ["LayerwisePerturbation", "find_decoder_layers", "resolve_layers"]
+__all__ = ["LayerwisePerturbation", "call_seed", "find_decoder_layers", "resolve_layers"]
 
 _TARGETS = ("hidden", "logits")
 _MAX_PENDING = 4096
+_SEED_SPACE = 2**62
+
+
+def call_seed(seed: int, call: int) -> int:
+    """Seed of the ``call``-th forward (0-based) inside one ``active(seed)`` block.
+
+    Call 0 keeps ``seed``; later calls step by a large odd constant (the 64-bit golden ratio),
+    which keeps them far apart from each other and from the ``seed + layer`` offsets.
+
+    >>> call_seed(7, 0), call_seed(7, 1) != call_seed(7, 2)
+    (7, True)
+    """
+    return (seed + call * 0x9E3779B97F4A7C15) % _SEED_SPACE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +305,7 @@ class LayerwisePerturbation:
         )
         self._source = _NoiseSource()
         self._seed: int | None = None
+        self._calls: dict[int, int] = {}  # forwards per selected layer in the active block
         self._pending: OrderedDict[tuple, int] = OrderedDict()
         self._realised: dict[int, torch.Tensor] = {}
         self._handles = []
@@ -314,6 +331,7 @@ class LayerwisePerturbation:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**62:
             raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
         self._seed = seed
+        self._calls.clear()
         self._realised.clear()
         try:
             yield self
@@ -336,21 +354,26 @@ class LayerwisePerturbation:
     def _seed_for(self, h: torch.Tensor, idx: int) -> tuple[int | None, tuple]:
         """Seed to use for this call (None: leave ``h`` alone) and the input's identity key.
 
-        Inside ``active()``: the active seed, remembered for this input (its storage, shape and
-        stride) until the noise op's backward has run. Outside: nothing, except during a
-        backward for an input remembered from ``active()``; that is a gradient-checkpoint
-        recomputation replaying the layer on the same input, which must see the same noise.
+        During a backward, an input remembered from ``active()`` (its storage, shape and stride)
+        is a gradient-checkpoint recomputation replaying the layer: it gets the seed it had.
+        Otherwise, inside ``active()``: the seed of this layer's n-th forward in the block
+        (`call_seed`), remembered until the noise op's backward has run. Outside: nothing.
         """
         key = (idx, h.data_ptr(), tuple(h.shape), tuple(h.stride()), h.device)
-        if self._seed is not None:
-            if torch.is_grad_enabled() or h.requires_grad:
-                self._pending[key] = self._seed
-                while len(self._pending) > _MAX_PENDING:
-                    self._pending.popitem(last=False)
-            return self._seed, key
         if self._pending and _inside_backward():
-            return self._pending.get(key), key
-        return None, key
+            replay = self._pending.get(key)
+            if replay is not None:
+                return replay, key
+        if self._seed is None:
+            return None, key
+        call = self._calls.get(idx, 0)
+        self._calls[idx] = call + 1
+        seed = call_seed(self._seed, call)
+        if torch.is_grad_enabled() or h.requires_grad:
+            self._pending[key] = seed
+            while len(self._pending) > _MAX_PENDING:
+                self._pending.popitem(last=False)
+        return seed, key
 
     def _apply(
         self, h: torch.Tensor, idx: int, seed: int, key: tuple, out_dtype: torch.dtype
@@ -452,9 +475,11 @@ class LayerwisePerturbation:
     def all_reduce_grads(self) -> None:
         """Average sigma's gradient over processes (DDP does not see it). No-op single-process."""
         dist = torch.distributed
-        grad = self.log_sigma.grad
-        if grad is None or not dist.is_available() or not dist.is_initialized():
+        if not self.log_sigma.requires_grad or not dist.is_available() or not dist.is_initialized():
             return
+        if self.log_sigma.grad is None:  # this rank had no noisy forward: it still takes part
+            self.log_sigma.grad = torch.zeros_like(self.log_sigma)
+        grad = self.log_sigma.grad
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         grad.div_(dist.get_world_size())
 

@@ -59,12 +59,15 @@ def test_perturbation_on_architecture(arch):
         inactive = model(ids, attention_mask=mask).logits
         with pert.active(seed=5):
             noisy = model(ids, attention_mask=mask).logits
+            second_call = model(ids, attention_mask=mask).logits
+        with pert.active(seed=5):
             noisy_again = model(ids, attention_mask=mask).logits
         with pert.active(seed=6):
             other = model(ids, attention_mask=mask).logits
     assert torch.equal(before, inactive)  # bit-identical when off
     assert not torch.allclose(noisy, before, atol=1e-4)  # changes outputs when on
     assert torch.equal(noisy, noisy_again)  # same seed -> same noise
+    assert not torch.equal(noisy, second_call)  # a second forward in one block: fresh noise
     assert not torch.equal(noisy, other)
     # gradients reach every s_l and are identical with HF gradient checkpointing
     model.train()
