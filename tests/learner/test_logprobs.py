@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alp_agents.logprobs import logprobs_from_logits, token_logprobs
-from alp_agents.models import make_tiny_model
+from alp_agents.logprobs import logprobs_from_logits, plan_shared_prefixes, token_logprobs
+from alp_agents.models import TINY_ARCHS, make_tiny_model
+from alp_agents.perturb import LayerwisePerturbation
 
 
 def reference(model, ids, mask, temperature):
@@ -68,3 +69,91 @@ def test_bad_input():
     model = make_tiny_model("llama", num_layers=1, vocab_size=300)
     with pytest.raises(ValueError, match="attention_mask"):
         token_logprobs(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4))
+
+
+# ------------------------------------------------------------------ shared prompt prefixes
+def group_batch(generator, vocab=300, prompt_lens=(7, 5), group=3):
+    """Right-padded rows: ``group`` sampled continuations of each prompt."""
+    rows, starts = [], []
+    for n in prompt_lens:
+        prompt = torch.randint(3, vocab, (n,), generator=generator)
+        for _ in range(group):
+            k = int(torch.randint(2, 9, (1,), generator=generator))
+            rows.append(torch.cat([prompt, torch.randint(3, vocab, (k,), generator=generator)]))
+            starts.append(n)
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask, torch.tensor(starts)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_shared_prefixes_match_the_full_forward(arch):
+    """Same log-probs, entropies and parameter gradients on every scored column, 0 elsewhere."""
+    model = make_tiny_model(arch, num_layers=2, vocab_size=300)
+    ids, mask, start = group_batch(torch.Generator().manual_seed(3))
+    plan = plan_shared_prefixes(ids, mask, start)
+    assert plan is not None and plan.prefix_ids.shape[0] == 2  # two prompts, six rows
+    assert plan.positions < 0.9 * ids.numel()
+    scored = (torch.arange(ids.shape[1]) >= start[:, None]) & (mask > 0)
+
+    def run(**kw):
+        model.zero_grad()
+        lp, ent = token_logprobs(model, ids, mask, 0.7, return_entropy=True, **kw)
+        (lp[scored].sum() + 0.1 * ent[scored].sum()).backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full_lp, full_ent, full_grads = run()
+    for kw in ({"score_from": start}, {"score_from": start, "share_prefixes": False}):
+        lp, ent, grads = run(**kw)
+        assert torch.allclose(lp[scored], full_lp[scored], atol=1e-5)
+        assert torch.allclose(ent[scored], full_ent[scored], atol=1e-5)
+        before = torch.arange(ids.shape[1]) < start[:, None]  # padding stays meaningless
+        assert torch.all(lp[before] == 0) and torch.all(ent[before] == 0)
+        for a, b in zip(grads, full_grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_plan_declines_when_nothing_is_shared():
+    g = torch.Generator().manual_seed(4)
+    ids, mask, start = group_batch(g, prompt_lens=(6, 7, 8), group=1)  # one row per prompt
+    assert plan_shared_prefixes(ids, mask, start) is None
+    ids, mask, start = group_batch(g)
+    assert plan_shared_prefixes(ids, mask, torch.ones_like(start)) is None  # no context token
+    model = make_tiny_model("llama", num_layers=1, vocab_size=300)
+    with pytest.raises(ValueError, match="score_from"):
+        token_logprobs(model, ids, mask, score_from=start[:2])
+
+
+def test_shared_prefixes_under_perturbation():
+    """Prefix and continuations get independent noise; d/d log-sigma is the same whether the
+    backward redraws the noise from its per-call seed or reads a stored copy."""
+    ids, mask, start = group_batch(torch.Generator().manual_seed(5))
+    scored = (torch.arange(ids.shape[1]) >= start[:, None]) & (mask > 0)
+    grads = []
+    for store in (False, True):
+        model = make_tiny_model("llama", num_layers=2, vocab_size=300)
+        pert = LayerwisePerturbation(model, sigma_init=0.1, store_noise=store)
+        with pert.active(seed=11):
+            lp = token_logprobs(model, ids, mask, score_from=start)
+        lp[scored].sum().backward()
+        grads.append(pert.log_sigma.grad.clone())
+        with torch.no_grad(), pert.active(seed=11):
+            again = token_logprobs(model, ids, mask, score_from=start)
+        assert torch.equal(lp.detach(), again)  # reproducible from the seed
+        clean = token_logprobs(model, ids, mask, score_from=start).detach()
+        assert not torch.allclose(lp.detach()[scored], clean[scored], atol=1e-4)
+    assert torch.all(grads[0] != 0)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import alp_agents.logprobs
+    import alp_agents.perturb
+
+    for module in (alp_agents.logprobs, alp_agents.perturb):
+        failures, _ = doctest.testmod(module)
+        assert failures == 0, module.__name__
