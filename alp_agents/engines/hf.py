@@ -9,7 +9,8 @@ The decode loop is our own rather than ``model.generate`` because it needs three
 does not give together: exact per-token log-probs of the temperature-scaled distribution before
 top-p/top-k (see `alp_agents.engines.base` for the convention), stop strings matched on the new
 text with the cut on token ids, and finished rows DROPPED from the batch (their KV-cache rows are
-removed), so a ragged batch does not keep spending compute on padding.
+removed), so a ragged batch does not keep spending compute on padding. Identical prompts (the
+``group_size`` copies of a GRPO prompt) are prefilled once and their cache rows copied.
 
 Example::
 
@@ -27,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from alp_agents.engines.base import Sample, SamplingParams, stop_cut, stop_window
+from alp_agents.models import cache_argument, make_lm_head_input_contiguous
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -87,11 +88,25 @@ def sample_next(
         probs = torch.softmax(filtered, dim=-1)
     else:
         probs = logprobs.exp()
-    # Exponential race (Gumbel-max in probability space): argmax(p / E), E ~ Exp(1), draws from
-    # p exactly and is ~30x faster than torch.multinomial over a 49k vocabulary on CPU.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    tokens = (probs / race).argmax(dim=-1)
+    tokens = sample_from(probs, generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``(B, V)`` non-negative weights, by inverting the CDF.
+
+    One uniform draw per row and a float64 cumulative sum: on a 49k vocabulary this is ~10x
+    cheaper than the exponential race ``argmax(p / E)`` (which draws V exponentials per row) and
+    far cheaper than ``torch.multinomial`` on CPU. A zero-weight index is never returned (its CDF
+    step is empty).
+
+    >>> sample_from(torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])).tolist()[0]
+    1
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
 def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -149,11 +164,10 @@ class HFEngine:
         else:
             self.model = self._copy_of(model, attn_implementation)
         self.model.requires_grad_(False)
+        make_lm_head_input_contiguous(self.model)  # prefill with logits_to_keep=1, see there
         self.tokenizer = tokenizer
         self.eos_token_ids = self._eos_ids(self.model, tokenizer)
-        # transformers 5.x renamed forward's `past_key_values` to `cache` (old name deprecated).
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_argument(self.model)
         self.stats = {"generate_calls": 0, "generated_tokens": 0, "forward_rows": 0}
 
     # ------------------------------------------------------------------ weights
@@ -278,11 +292,14 @@ class HFEngine:
         from transformers import DynamicCache
 
         rows = len(prompts)
-        width = max(len(p) for p in prompts)
-        pad = 0
-        input_ids = torch.full((rows, width), pad, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        for r, prompt in enumerate(prompts):  # left padding: new tokens line up on the right
+        # Identical prompts (a GRPO group) are prefilled once; their cache rows are copied.
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        unique = [list(p) for p in distinct]
+        width = max(len(p) for p in unique)
+        input_ids = torch.zeros((len(unique), width), dtype=torch.long)
+        attention = torch.zeros((len(unique), width), dtype=torch.long)
+        for r, prompt in enumerate(unique):  # left padding: new tokens line up on the right
             input_ids[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention[r, width - len(prompt) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
@@ -296,19 +313,16 @@ class HFEngine:
         done: list[Sample | None] = [None] * rows
         live = list(range(rows))  # original row of each batch row
         cache = DynamicCache(config=self.model.config)
-        step_ids, step_pos = input_ids, positions
+        logits = self._forward(input_ids, attention, positions, cache)
+        self.stats["forward_rows"] += len(unique)
+        if len(unique) < rows:
+            index = torch.tensor(prompt_of_row, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(index)
+            attention, positions, logits = attention[index], positions[index], logits[index]
+        step_pos = positions
         sampling = params[0]
-        while live:
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=attention,
-                position_ids=step_pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            )
-            self.stats["forward_rows"] += len(live)
-            tokens, logprobs = sample_next(out.logits[:, -1, :], sampling, generator)
+        while True:
+            tokens, logprobs = sample_next(logits, sampling, generator)
             tokens_list, lps_list = tokens.tolist(), logprobs.tolist()
             keep = []
             for b, r in enumerate(live):
@@ -333,8 +347,23 @@ class HFEngine:
                 live = [live[b] for b in keep]
             attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=-1)
             step_pos = step_pos[:, -1:] + 1
-            step_ids = tokens[:, None]
+            logits = self._forward(tokens[:, None], attention, step_pos, cache)
+            self.stats["forward_rows"] += len(live)
         return done  # type: ignore[return-value]
+
+    def _forward(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Extend ``cache`` by ``ids``; the ``(B, V)`` logits of the last position."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        )
+        return out.logits[:, -1, :]
 
     def _finished(
         self,

@@ -205,7 +205,9 @@ def test_real_model_bf16_logprobs_match_teacher_forced(tokenizer, default_model)
     assert diffs.mean().item() <= BF16_MEAN_TOL and diffs.max().item() <= BF16_MAX_TOL, (
         f"bf16 SmolLM2: mean |diff| {diffs.mean():.3f}, max {diffs.max():.3f}"
     )
-    assert any(s.finish_reason == "eos" for s in samples)  # the instruct model ends its turns
+    # The instruct model ends its turns (greedy: a T=1 sample of 24 tokens often rambles on).
+    [greedy] = engine.generate(ps[:1], SamplingParams(max_tokens=24, temperature=0.0))
+    assert greedy.finish_reason == "eos", tokenizer.decode(greedy.token_ids)
 
 
 @pytest.mark.skipif(vllm_unavailable_reason() is not None, reason=str(vllm_unavailable_reason()))
@@ -230,3 +232,35 @@ def test_vllm_engine_says_why_it_cannot_run():
         pytest.skip("vllm is installed; the real engine is tested above")
     with pytest.raises(RuntimeError, match="vllm is not importable"):
         VLLMEngine("smollm2-135m-instruct")
+
+
+def test_sample_from_draws_the_given_distribution():
+    from alp_agents.engines.hf import sample_from
+
+    probs = torch.tensor([0.1, 0.2, 0.0, 0.7, 0.0]).expand(40_000, -1)
+    g = torch.Generator().manual_seed(0)
+    tokens = sample_from(probs * 3.0, g)  # unnormalised weights are fine
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert torch.allclose(freq, probs[0], atol=0.01)  # ~5 standard errors
+    assert freq[2] == 0 and freq[4] == 0  # zero-weight tokens are never drawn
+    again = sample_from(probs * 3.0, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+    one_hot = torch.zeros(3, 49152)
+    one_hot[torch.arange(3), torch.tensor([0, 7, 49151])] = 1.0
+    assert sample_from(one_hot).tolist() == [0, 7, 49151]
+
+
+def test_identical_prompts_are_prefilled_once_and_sampled_independently(tokenizer):
+    """A GRPO group (the same prompt n times) runs one prefill row; every copy is its own
+    sample and its log-probs still match a teacher-forced forward."""
+    engine = HFEngine(make_tiny_model(num_layers=3), tokenizer, dtype=torch.float32)
+    a, b = prompts(tokenizer)[:2]
+    batch = [a, b, a, a, b]
+    before = engine.stats["forward_rows"]
+    samples = engine.generate(batch, SamplingParams(max_tokens=12, seed=3))
+    first_forward_rows = engine.stats["forward_rows"] - before - 5 * 11  # 11 decode steps
+    assert first_forward_rows == 2  # the prefill ran the 2 distinct prompts only
+    assert len({tuple(samples[i].token_ids) for i in (0, 2, 3)}) == 3  # independent draws
+    for prompt, sample in zip(batch, samples, strict=True):
+        reference = teacher_forced_logprobs(engine.model, prompt, sample)
+        assert torch.allclose(reference, torch.tensor(sample.logprobs), atol=1e-4)
