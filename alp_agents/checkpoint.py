@@ -81,22 +81,33 @@ def _optimizer_tensors(opt_state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def serving_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without any perturbation parameter (what inference needs)."""
+def serving_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state dict (or ``state_dict``, e.g. one gathered from FSDP shards) without
+    any perturbation parameter (what inference needs)."""
+    state = model.state_dict() if state_dict is None else state_dict
     return {
         k: v
-        for k, v in model.state_dict().items()
+        for k, v in state.items()
         if not any(marker in k for marker in PERTURBATION_KEY_MARKERS)
     }
 
 
-def save_export(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike) -> Path:
+def save_export(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a plain Hugging Face directory loadable with ``from_pretrained`` (no sigma inside).
 
-    Refuses (``NonFiniteCheckpointError``) if any weight is NaN/inf.
+    ``state_dict`` replaces ``model.state_dict()`` where the model's own holds shards (FSDP:
+    pass the full state dict, e.g. ``accelerator.get_state_dict(model)``). Refuses
+    (``NonFiniteCheckpointError``) if any weight is NaN/inf.
     """
     path = Path(path)
-    state = serving_state_dict(model)
+    state = serving_state_dict(model, state_dict)
     bad = first_nonfinite(state)
     if bad is not None:
         raise NonFiniteCheckpointError(f"refusing to export {path}: tensor {bad!r} is not finite")
@@ -119,21 +130,26 @@ def save_training_checkpoint(
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     perturbation_state: dict[str, torch.Tensor] | None,
     trainer_state: dict[str, Any],
     rng: dict[str, Any],
     config: Any = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    rng_per_rank: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Atomically write a full training checkpoint to ``path`` (a directory).
 
     The model part is itself a valid export (``path/model``), so any checkpoint can be served
-    or evaluated directly.
+    or evaluated directly. Multi-process runs pass the full ``model_state`` where the model
+    holds shards (FSDP), the optimiser as an already gathered state dict, and every rank's RNG
+    state (``rng_per_rank``, restored per rank on resume; ``rng`` is rank 0's).
     """
     path = Path(path)
-    opt_state = optimizer.state_dict()
-    tensors = {**serving_state_dict(model), **_optimizer_tensors(opt_state)}
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    weights = serving_state_dict(model, model_state)
+    tensors = {**weights, **_optimizer_tensors(opt_state)}
     tensors.update({f"perturbation.{k}": v for k, v in (perturbation_state or {}).items()})
     bad = first_nonfinite(tensors)
     if bad is not None:
@@ -143,11 +159,13 @@ def save_training_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_export(model, tokenizer, tmp / "model")
+    save_export(model, tokenizer, tmp / "model", state_dict=weights)
     torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict() if scheduler is not None else None, tmp / "scheduler.pt")
     torch.save(perturbation_state, tmp / "perturbation.pt")
     torch.save(rng, tmp / "rng.pt")
+    if rng_per_rank is not None:
+        torch.save(rng_per_rank, tmp / "rng_per_rank.pt")
     if config is not None:  # the resolved config, so --resume needs nothing else
         from alp_agents.config import save_config
 
@@ -169,6 +187,11 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "scheduler": torch.load(path / "scheduler.pt", weights_only=False),
         "perturbation": torch.load(path / "perturbation.pt", weights_only=False),
         "rng": torch.load(path / "rng.pt", weights_only=False),
+        "rng_per_rank": (
+            torch.load(path / "rng_per_rank.pt", weights_only=False)
+            if (path / "rng_per_rank.pt").exists()
+            else None
+        ),
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
     }
 

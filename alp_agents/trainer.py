@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from alp_agents import checkpoint as ckpt
+from alp_agents.models import make_lm_head_input_contiguous
 
 PRESETS = ("alp", "bypass", "grpo", "gspo", "tis", "mis")
 ENGINES = ("hf", "vllm")
@@ -113,7 +114,8 @@ class AlgorithmConfig:
     loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
     mini_batches: int = 2  # K optimiser steps per rollout batch (staleness)
     micro_batch_size: int = 2  # sequences per forward/backward (gradient accumulation; memory)
-    shuffle: bool = True  # shuffle trajectories before splitting into mini-batches
+    shuffle: bool = True  # shuffle the groups (prompts) before splitting into mini-batches
+    share_prefixes: bool = True  # run a prompt shared by a micro-batch's rows once, not per row
     advantage_eps: float = 1e-6
 
 
@@ -392,6 +394,45 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: flo
     return fn
 
 
+def mini_batch_rows(
+    group_ids: Sequence[Any], parts: int, generator: torch.Generator | None = None
+) -> list[list[int]]:
+    """Rows of each of ``parts`` mini-batches, whole groups (prompts) kept together.
+
+    Groups are taken in order of first appearance (shuffled with ``generator``) and split into
+    ``parts`` contiguous near-equal runs of groups, as verl forms its mini-batches; rows of one
+    prompt then sit side by side, so a micro-batch cut from a mini-batch computes their shared
+    prompt once (`alp_agents.logprobs.plan_shared_prefixes`). With fewer groups than parts the
+    group-ordered rows are split instead.
+
+    >>> mini_batch_rows(["a", "b", "a", "c", "b", "c"], 2)
+    [[0, 2, 1, 4], [3, 5]]
+    >>> mini_batch_rows(["a", "a", "a"], 2)
+    [[0, 1], [2]]
+    """
+    groups: dict[Any, list[int]] = {}
+    for row, gid in enumerate(group_ids):
+        groups.setdefault(gid, []).append(row)
+    runs = list(groups.values())
+    if generator is not None:
+        runs = [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()]
+    if len(runs) < parts:
+        rows = [r for run in runs for r in run]
+        return [[rows[i] for i in chunk] for chunk in split_indices(len(rows), parts)]
+    return [[r for g in chunk for r in runs[g]] for chunk in split_indices(len(runs), parts)]
+
+
+def first_scored_columns(loss_mask: torch.Tensor) -> torch.Tensor:
+    """First column with a nonzero loss mask per row (the row width where there is none).
+
+    >>> first_scored_columns(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])).tolist()
+    [2, 4]
+    """
+    scored = loss_mask > 0
+    first = scored.int().argmax(dim=-1)
+    return torch.where(scored.any(dim=-1), first, loss_mask.shape[-1])
+
+
 def split_indices(n: int, parts: int) -> list[list[int]]:
     """Split ``range(n)`` into ``parts`` contiguous near-equal chunks (no empty chunk)."""
     parts = max(1, min(parts, n))
@@ -467,6 +508,7 @@ class ALPTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        self._check_distributed_type()
         torch.manual_seed(config.seed)
 
         import envs
@@ -499,7 +541,7 @@ class ALPTrainer:
             model = self._load_model(resume["model_dir"] if resume else None)
         elif resume:
             model.load_state_dict(_state_dict_from_dir(resume["model_dir"]), strict=False)
-        self.model = model.to(self.device)
+        self.model = make_lm_head_input_contiguous(model.to(self.device))
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
@@ -508,7 +550,8 @@ class ALPTrainer:
         self.engine = self._make_engine()
         self.ref_model = None
         if float(getattr(self.loss_cfg, "kl_coef", 0.0) or 0.0) > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = make_lm_head_input_contiguous(ref)
 
         self.perturbation = None
         if _uses_perturbation(self.loss_cfg):
@@ -536,7 +579,23 @@ class ALPTrainer:
                 config.optim.min_lr_ratio,
             ),
         )
+        # accelerate's FSDP2 preparation swaps every optimiser parameter for its sharded twin
+        # and fails on one that is not in the model: sigma's group joins after the sharding.
+        outside = []
+        if self._is_fsdp():
+            groups = self.optimizer.param_groups
+            outside = [g for g in groups if g.get("name") == "sigma"]
+            groups[:] = [g for g in groups if g.get("name") != "sigma"]
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.optimizer.param_groups.extend(outside)
+        if self.accelerator.num_processes > 1:
+            # The engine and the reference model were built from this rank's own copy, before
+            # prepare made the ranks agree (DDP broadcasts rank 0's weights; FSDP's memory-
+            # efficient loading gives the other ranks empty weights until then): sync them.
+            state = self._full_state_dict(all_ranks=True)
+            self.engine.update_weights(state)
+            if self.ref_model is not None:
+                self.ref_model.load_state_dict(state)
 
         self.step = 0
         self.nonfinite_in_row = 0
@@ -544,6 +603,8 @@ class ALPTrainer:
         self.eval_history: list[dict[str, Any]] = []
         if resume:
             self.optimizer.load_state_dict(resume["optimizer"])
+            if self._is_fsdp():
+                self._shard_optimizer_state()
             if resume["scheduler"] is not None:
                 self.scheduler.load_state_dict(resume["scheduler"])
             ts = resume["trainer_state"]
@@ -552,7 +613,11 @@ class ALPTrainer:
             self.skipped_updates = int(ts.get("skipped_updates", 0))
             self.eval_history = list(ts.get("eval_history", []))
             self.sampler.load_state_dict(ts["sampler"])
-            ckpt.set_rng_state(resume["rng"])
+            rngs = resume.get("rng_per_rank")
+            if rngs and len(rngs) == self.accelerator.num_processes:
+                ckpt.set_rng_state(rngs[self.accelerator.process_index])
+            else:
+                ckpt.set_rng_state(resume["rng"])
             self.engine_sync()
         self.run_dir = self._resolve_run_dir(resume_from)
         self.logger = self._make_logger(resume_step=self.step if resume else None)
@@ -638,7 +703,116 @@ class ALPTrainer:
             return Path(self.cfg.logging.run_dir)
         from alp_agents.runlog import make_run_dir
 
-        return make_run_dir("runs", self.cfg.logging.name)
+        if self.accelerator.num_processes == 1:
+            return make_run_dir("runs", self.cfg.logging.name)
+        # One fresh directory for the whole run: the main process makes it, the others use it.
+        from accelerate.utils import broadcast_object_list
+
+        made = [str(make_run_dir("runs", self.cfg.logging.name)) if self.is_main else None]
+        broadcast_object_list(made, from_process=0)
+        return Path(made[0])
+
+    # ---------------------------------------------------------------- multi-process helpers
+    def _check_distributed_type(self) -> None:
+        from accelerate.utils import DistributedType
+
+        world = self.accelerator.num_processes
+        r = self.cfg.rollout
+        if world > 1 and r.prompts_per_step % world:
+            # Uneven shards give the ranks different numbers of forwards (under FSDP each one is
+            # a collective) or, short of trajectories, of mini-batch all-reduces: the processes
+            # then wait for each other forever.
+            raise TrainConfigError(
+                f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+                f"number of processes ({world}): each process rolls out the same number of them"
+            )
+        per_process = r.prompts_per_step // world * r.group_size
+        if world > 1 and self.cfg.algorithm.mini_batches > per_process:
+            raise TrainConfigError(
+                f"algorithm.mini_batches={self.cfg.algorithm.mini_batches}: more mini-batches "
+                f"than trajectories per process ({r.prompts_per_step // world} x {r.group_size})"
+            )
+        kind = self.accelerator.distributed_type
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and kind != DistributedType.FSDP:
+            # accelerate only turns FSDP on over GPU-like devices; CPU processes get plain DDP.
+            self._say(
+                f"WARNING: accelerate was asked for FSDP but runs {kind.value} (it does not "
+                "shard models over CPU processes): every process holds the full model and the "
+                "gradients are all-reduced as with DDP."
+            )
+        if kind == DistributedType.FSDP and not self.accelerator.is_fsdp2:
+            raise RuntimeError(
+                "ALPTrainer supports FSDP2 only (fsdp_version: 2 in the accelerate config): under "
+                "FSDP1 the optimiser's sigma group, gradient clipping and the full state dict "
+                "for checkpoints and engine sync are not handled."
+            )
+        if kind == DistributedType.FSDP and getattr(self.cfg.algorithm, "share_prefixes", False):
+            # The prompt's KV cache carries gradient into the prefix forward outside the layers'
+            # outputs, where FSDP's backward hooks do not see it: the layer is already resharded
+            # when that gradient arrives (RuntimeError "setStorage ... storage of size 0", or a
+            # segfault under bf16 autocast).
+            self._say("WARNING: algorithm.share_prefixes is turned off under FSDP.")
+            self.cfg.algorithm.share_prefixes = False
+
+    def _fewest_kept_over_ranks(self, kept: int) -> int:
+        """The smallest number of usable trajectories on any process (``kept`` when alone)."""
+        if self.accelerator.num_processes == 1:
+            return kept
+        count = torch.tensor([kept], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        return int(count.item())
+
+    def _is_fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _full_state_dict(self, all_ranks: bool) -> dict[str, torch.Tensor]:
+        """The model's full (unsharded) state dict, without the perturbation.
+
+        Under FSDP the shards are gathered (a collective: every process must call this); with
+        ``all_ranks=False`` only the main process receives the tensors (accelerate's
+        ``get_state_dict``, offloaded to CPU) and the others get ``{}``. Otherwise it is the
+        unwrapped model's own ``state_dict()``.
+        """
+        if not self._is_fsdp():
+            return self._unwrapped().state_dict()
+        if not all_ranks:
+            return self.accelerator.get_state_dict(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+    def _full_optimizer_state(self) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with FSDP-sharded moments gathered into full tensors
+        (a collective under FSDP), so a checkpoint resumes on any number of processes."""
+        state = self.optimizer.state_dict()
+        if not self._is_fsdp():
+            return state
+        from torch.distributed.tensor import DTensor
+
+        # state_dict() shares the live per-parameter dicts: build new ones, never mutate them.
+        state["state"] = {
+            pid: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
+            for pid, s in state["state"].items()
+        }
+        return state
+
+    def _shard_optimizer_state(self) -> None:
+        """After loading a full optimiser state under FSDP: each rank keeps its own shard."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not isinstance(p, DTensor):
+                    continue
+                state = self.optimizer.state.get(p, {})
+                for k, v in list(state.items()):
+                    if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                        state[k] = distribute_tensor(
+                            v.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+                        )
 
     def _make_logger(self, resume_step: int | None) -> Any:
         if not self.is_main:
@@ -657,8 +831,14 @@ class ALPTrainer:
 
     # ---------------------------------------------------------------- small operations
     def engine_sync(self) -> None:
-        """Copy the trainer's weights into the inference engine (never the perturbation)."""
-        self.engine.update_weights(self._unwrapped())
+        """Copy the trainer's weights into the inference engine (never the perturbation).
+
+        Under FSDP the full weights are gathered first (every process calls this each step).
+        """
+        if self._is_fsdp():
+            self.engine.update_weights(self._full_state_dict(all_ranks=True))
+        else:
+            self.engine.update_weights(self._unwrapped())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.model.autocast == "bf16":
@@ -677,8 +857,18 @@ class ALPTrainer:
 
         return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
 
-    def _log_probs(self, model: Any, batch: dict[str, torch.Tensor], entropy: bool = False) -> Any:
-        """``(B, L)`` float32 log-probs (and entropies if asked) under the configured autocast."""
+    def _log_probs(
+        self,
+        model: Any,
+        batch: dict[str, torch.Tensor],
+        score_from: torch.Tensor,
+        entropy: bool = False,
+    ) -> Any:
+        """``(B, L)`` float32 log-probs (and entropies if asked) under the configured autocast.
+
+        Only columns from ``score_from`` on (the first model token of each row) are computed;
+        earlier ones are 0 and never read (the loss and metrics mask them).
+        """
         from alp_agents.logprobs import token_logprobs
 
         with self._autocast():
@@ -688,6 +878,8 @@ class ALPTrainer:
                 batch["attention_mask"],
                 self.cfg.rollout.temperature,
                 return_entropy=entropy,
+                score_from=score_from,
+                share_prefixes=self.cfg.algorithm.share_prefixes,
             )
 
     # ---------------------------------------------------------------- rollout
@@ -740,7 +932,9 @@ class ALPTrainer:
         kept = [t for t, bad in zip(trajs, infra, strict=False) if not bad]
         metrics["batch/infra_failures"] = float(sum(infra))
         metrics["batch/trajectories"] = float(len(kept))
-        if not kept:
+        if self._fewest_kept_over_ranks(len(kept)) == 0:
+            # Every rank skips together: one skipping alone would leave the others waiting
+            # in the gradient all-reduce.
             metrics["batch/skipped_no_data"] = 1.0
             return metrics
 
@@ -750,6 +944,8 @@ class ALPTrainer:
         valid = None if cfg.rollout.void_in_group_stats else ~void
         adv = grpo_advantages(rewards, group_ids, eps=cfg.algorithm.advantage_eps, valid=valid)
         batch = collate(kept, pad_token_id=self.tokenizer.pad_token_id)
+        # Before void rows lose their mask: where each row's model tokens start.
+        score_from = first_scored_columns(batch["loss_mask"])
         loss_mask = batch["loss_mask"].float()
         if cfg.rollout.mask_void_turns:
             loss_mask[void] = 0.0
@@ -762,10 +958,10 @@ class ALPTrainer:
         t_upd = time.perf_counter()
         old_lp = ref_lp = None
         if _needs_old_logprobs(self.loss_cfg):
-            old_lp = self._no_grad_logprobs(self._unwrapped(), batch)
+            old_lp = self._no_grad_logprobs(self._unwrapped(), batch, group_ids, score_from)
         if self.ref_model is not None:
-            ref_lp = self._no_grad_logprobs(self.ref_model, batch)
-        metrics.update(self._update(batch, old_lp, ref_lp))
+            ref_lp = self._no_grad_logprobs(self.ref_model, batch, group_ids, score_from)
+        metrics.update(self._update(batch, old_lp, ref_lp, group_ids, score_from))
         metrics["time/update_s"] = time.perf_counter() - t_upd
         metrics["throughput/update_tokens_per_s"] = float(batch["attention_mask"].sum()) / max(
             1e-9, metrics["time/update_s"]
@@ -777,14 +973,28 @@ class ALPTrainer:
         metrics["time/step_s"] = time.perf_counter() - t_step
         return metrics
 
-    def _no_grad_logprobs(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _no_grad_logprobs(
+        self,
+        model: Any,
+        batch: dict[str, torch.Tensor],
+        group_ids: Sequence[Any],
+        score_from: torch.Tensor,
+    ) -> torch.Tensor:
+        """pi_old / reference log-probs of the whole batch, in micro-batches of whole groups.
+
+        No activation is kept for backward here, so micro-batches are 4x the training ones:
+        fewer, larger forwards amortise the per-forward cost (autocast's weight casts, kernel
+        launches), which dominates at this model size.
+        """
         out = torch.zeros_like(batch["loss_mask"], dtype=torch.float32)
-        mbs = self.cfg.algorithm.micro_batch_size
+        [ordered] = mini_batch_rows(group_ids, 1)
+        rows_all = torch.tensor(ordered)
+        mbs = 4 * self.cfg.algorithm.micro_batch_size
         with torch.no_grad():
-            for start in range(0, out.shape[0], mbs):
-                rows = slice(start, start + mbs)
+            for start in range(0, len(ordered), mbs):
+                rows = rows_all[start : start + mbs]
                 sub = _trim({k: batch[k][rows] for k in ("input_ids", "attention_mask")})
-                lp = self._log_probs(model, sub)
+                lp = self._log_probs(model, sub, score_from[rows])
                 out[rows, : lp.shape[1]] = lp
         return out
 
@@ -793,6 +1003,8 @@ class ALPTrainer:
         batch: dict[str, torch.Tensor],
         old_lp: torch.Tensor | None,
         ref_lp: torch.Tensor | None,
+        group_ids: Sequence[Any],
+        score_from: torch.Tensor,
     ) -> dict[str, float]:
         """K mini-batches, one optimiser step each, micro-batched gradient accumulation.
 
@@ -802,19 +1014,17 @@ class ALPTrainer:
         from alp_agents.objectives import policy_loss
 
         cfg = self.cfg
-        n = batch["input_ids"].shape[0]
-        order = torch.arange(n)
+        g = None
         if cfg.algorithm.shuffle:
             g = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, 7))
-            order = torch.randperm(n, generator=g)
         numerators = torch.zeros_like(batch["loss_mask"])  # log-prob in the ratio numerator
-        mini_batches = split_indices(n, cfg.algorithm.mini_batches)
+        mini_batches = mini_batch_rows(group_ids, cfg.algorithm.mini_batches, g)
         loss_metrics: list[tuple[float, dict[str, float]]] = []
         sums: Counter = Counter()
         self._in_update = True
         try:
             for k, mb in enumerate(mini_batches):
-                rows_mb = order[mb]
+                rows_mb = torch.tensor(mb)
                 mask_mb = batch["loss_mask"][rows_mb]
                 if self.loss_cfg.aggregation == "token_mean":
                     normalizer = float(mask_mb.sum())
@@ -835,14 +1045,20 @@ class ALPTrainer:
                     with ctx, self._perturbed(seed=_step_seed(cfg.seed, self.step, 1000 * k + j)):
                         ent = None
                         if self.loss_cfg.needs_entropy:
-                            lp, ent = self._log_probs(self.model, sub, entropy=True)
+                            lp, ent = self._log_probs(
+                                self.model, sub, score_from[rows], entropy=True
+                            )
                         else:
-                            lp = self._log_probs(self.model, sub)
+                            lp = self._log_probs(self.model, sub, score_from[rows])
                         if not bool(torch.isfinite(lp[sub["loss_mask"] > 0]).all()):
-                            # A NaN/inf forward (overflow, corrupted weights): no loss, no
-                            # backward; the whole mini-batch update is skipped below.
+                            # A NaN/inf forward (overflow, corrupted weights): no loss; the
+                            # whole mini-batch update is skipped below. With several processes
+                            # a (NaN) backward still runs, so the gradient all-reduce happens on
+                            # every rank and makes all of them skip this update together.
                             finite = False
                             mb_loss = float("nan")
+                            if self.accelerator.num_processes > 1:
+                                self.accelerator.backward(lp.sum() * 0.0)
                             continue
                         loss, m = policy_loss(
                             lp,
@@ -965,7 +1181,26 @@ class ALPTrainer:
     def _clip_grads(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not self._is_fsdp():
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # FSDP: the model's gradients are sharded DTensors and sigma's is a plain tensor, which
+        # torch cannot stack into one norm; take each norm (the sharded one over all ranks).
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        plain = [g for g in grads if not isinstance(g, DTensor)]
+        norms = []
+        if sharded:
+            norms.append(torch.nn.utils.get_total_norm(sharded).full_tensor())
+        if plain:
+            norms.append(torch.nn.utils.get_total_norm(plain))
+        if not norms:
+            return 0.0
+        total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]))
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for g in grads:
+            g.mul_(coef)
         return float(total)
 
     def _sigma_grad_norm(self) -> float | None:
@@ -1015,16 +1250,32 @@ class ALPTrainer:
         return summary
 
     # ---------------------------------------------------------------- checkpointing
-    def save_checkpoint(self) -> Path | None:
-        """Write ``run_dir/checkpoints/step_N`` (main process only); returns its path."""
+    def save_checkpoint(self, gather: bool = True) -> Path | None:
+        """Write ``run_dir/checkpoints/step_N``; returns its path (None on other processes).
+
+        Multi-process, every process must call it: the RNG states of all ranks (and under FSDP
+        the model and optimiser shards) are gathered; only the main process writes. With
+        ``gather=False`` (Ctrl-C under DDP, where the ranks may have stopped at different
+        points) the main process writes alone and a resume gives every rank rank 0's RNGs.
+        """
+        gather = gather or self._is_fsdp()  # sharded weights can only be saved together
+        model_state = self._full_state_dict(all_ranks=False) if self._is_fsdp() else None
+        optimizer_state = self._full_optimizer_state()
+        rng = ckpt.rng_state()
+        rng_per_rank = None
+        if gather and self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_per_rank = gather_object([rng])
         if not self.is_main:
             return None
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         ckpt.save_training_checkpoint(
             path,
             model=self._unwrapped(),
+            model_state=model_state,
             tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
+            optimizer=optimizer_state,
             scheduler=self.scheduler,
             perturbation_state=self.perturbation.state_dict() if self.perturbation else None,
             trainer_state={
@@ -1035,7 +1286,8 @@ class ALPTrainer:
                 "eval_history": self.eval_history,
                 "config": asdict(self.cfg),
             },
-            rng=ckpt.rng_state(),
+            rng=rng,
+            rng_per_rank=rng_per_rank,
             config=self.cfg,
         )
         ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
@@ -1101,7 +1353,7 @@ class ALPTrainer:
                 signal.signal(signal.SIGINT, previous)
         if interrupted:
             if cfg.checkpoint.on_interrupt:
-                path = self.save_checkpoint()
+                path = self.save_checkpoint(gather=False)
                 self._say(
                     f"interrupted: checkpoint saved to {path}; continue with --resume {self.run_dir}"
                 )
@@ -1110,8 +1362,12 @@ class ALPTrainer:
             self.save_checkpoint()
         eval_after = self._record_eval("after") if cfg.eval.after and self.eval_problems else None
         export = None
-        if cfg.checkpoint.export and self.is_main:
-            export = ckpt.save_export(self._unwrapped(), self.tokenizer, self.run_dir / "final")
+        if cfg.checkpoint.export:
+            state = self._full_state_dict(all_ranks=False) if self._is_fsdp() else None
+            if self.is_main:
+                export = ckpt.save_export(
+                    self._unwrapped(), self.tokenizer, self.run_dir / "final", state_dict=state
+                )
         result = self._result(False, eval_before, eval_after, metrics, export)
         if self.is_main:
             self._say(format_summary(result))
@@ -1359,7 +1615,12 @@ def cli_main(
         print(f"{prog or 'train'}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        result = ALPTrainer(cfg, resume_from=checkpoint).train()
+        trainer = ALPTrainer(cfg, resume_from=checkpoint)
+    except TrainConfigError as exc:  # e.g. prompts that do not split over the processes
+        print(f"{prog or 'train'}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train()
     except TrainingDivergedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
