@@ -22,7 +22,7 @@ TCMALLOC_LIBS := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
 TCMALLOC = $(if $(filter 1,$(ALP_TCMALLOC)),$(firstword $(wildcard $(TCMALLOC_LIBS))))
 RUN = $(if $(TCMALLOC),LD_PRELOAD="$(TCMALLOC)$${LD_PRELOAD:+:$$LD_PRELOAD}") $(PY)
 
-.PHONY: setup train single-turn evaluate test lint bench clean
+.PHONY: setup train single-turn evaluate test lint bench bench-train clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "alp-agents needs Python >= 3.10; run e.g. make PYTHON=python3.11 ...")'
@@ -68,6 +68,10 @@ lint: setup
 
 bench: setup
 	for b in bench/*.py; do $(RUN) $$b || exit 1; done
+
+# The trainer vs TRL's GRPOTrainer (needs `.venv/bin/pip install trl==1.16.0`); ARGS="--skip-trl".
+bench-train: setup
+	$(RUN) bench/train_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
