@@ -88,13 +88,15 @@ def group_batch(generator, vocab=300, prompt_lens=(7, 5), group=3):
     return ids, mask, torch.tensor(starts)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_shared_prefixes_match_the_full_forward(arch):
+def test_shared_prefixes_match_the_full_forward(arch, attn):
     """Same log-probs, entropies and parameter gradients on every scored column, 0 elsewhere."""
     model = make_tiny_model(arch, num_layers=2, vocab_size=300)
+    model.set_attn_implementation(attn)
     ids, mask, start = group_batch(torch.Generator().manual_seed(3))
     plan = plan_shared_prefixes(ids, mask, start)
-    assert plan is not None and plan.prefix_ids.shape[0] == 2  # two prompts, six rows
+    assert plan is not None and plan.input_ids.shape[0] == 2  # two prompts, six rows
     assert plan.positions < 0.9 * ids.numel()
     scored = (torch.arange(ids.shape[1]) >= start[:, None]) & (mask > 0)
 
@@ -157,3 +159,42 @@ def test_docstring_examples():
     for module in (alp_agents.logprobs, alp_agents.perturb):
         failures, _ = doctest.testmod(module)
         assert failures == 0, module.__name__
+
+
+def test_tree_mask_keeps_continuations_apart():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 0]])
+    plan = plan_shared_prefixes(ids, (ids > 0).long(), torch.tensor([3, 3]))
+    # packed: [5 6 | 7 8 9 | 7 1]: prompt 0-1, continuation 1 at 2-4, continuation 2 at 5-6
+    mask = plan.attention_mask()[0, 0]
+    assert mask[6].tolist() == [True, True, False, False, False, True, True]
+    assert mask[4].tolist() == [True, True, True, True, True, False, False]
+    assert mask[1].tolist() == [True, True, False, False, False, False, False]
+    additive = plan.attention_mask(torch.float32)[0, 0]
+    assert torch.equal(additive == 0, mask)
+
+
+def test_large_groups_are_split_over_several_packed_rows():
+    """A group whose continuations exceed the 2L budget continues in another packed row with
+    its own copy of the prompt; results are unchanged."""
+    g = torch.Generator().manual_seed(6)
+    ids, mask, start = group_batch(g, prompt_lens=(9,), group=8)
+    plan = plan_shared_prefixes(ids, mask, start)
+    assert plan is not None and plan.input_ids.shape[0] >= 2
+    assert plan.input_ids.shape[1] <= 2 * ids.shape[1]
+    model = make_tiny_model("qwen2", num_layers=2, vocab_size=300)
+    scored = (torch.arange(ids.shape[1]) >= start[:, None]) & (mask > 0)
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask)
+        packed = token_logprobs(model, ids, mask, score_from=start)
+    assert torch.allclose(packed[scored], full[scored], atol=1e-5)
+
+
+def test_sliding_window_models_fall_back_to_the_plain_forward():
+    model = make_tiny_model("mistral", num_layers=2, vocab_size=300)
+    model.config.sliding_window = 4  # one tree mask cannot express a per-layer window
+    ids, mask, start = group_batch(torch.Generator().manual_seed(7))
+    scored = (torch.arange(ids.shape[1]) >= start[:, None]) & (mask > 0)
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask)
+        got = token_logprobs(model, ids, mask, score_from=start)
+    assert torch.allclose(got[scored], full[scored], atol=1e-5)

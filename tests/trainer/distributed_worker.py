@@ -157,6 +157,15 @@ def main() -> None:
         return trajs, metrics
 
     trainer.rollout = recording_rollout
+    import alp_agents.logprobs as logprobs_module
+
+    packed = logprobs_module._packed_logprobs
+
+    def counting_packed(*a, **kw):  # the shared-prompt path really runs (DDP and FSDP)
+        report["packed_forwards"] = report.get("packed_forwards", 0) + 1
+        return packed(*a, **kw)
+
+    logprobs_module._packed_logprobs = counting_packed
     result = trainer.train()
     state = full_state(trainer)
     report.update(
@@ -168,7 +177,7 @@ def main() -> None:
         weights=checksum(state),
         engine_matches_at_end=engine_matches(trainer, state),
         sigma=trainer.perturbation.sigmas().tolist(),
-        share_prefixes=getattr(trainer.cfg.algorithm, "share_prefixes", None),
+        share_prefixes=trainer.cfg.algorithm.share_prefixes,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
