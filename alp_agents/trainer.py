@@ -544,9 +544,16 @@ class ALPTrainer:
                 else _default_model_name()
             )
         )
+        # The KL reference is the model the run STARTED from, also after a resume.
+        needs_ref = float(getattr(self.loss_cfg, "kl_coef", 0.0) or 0.0) > 0
+        initial = None
         if model is None:
             model = self._load_model(resume["model_dir"] if resume else None)
+            if resume and needs_ref:
+                initial = self._load_model(None)
         elif resume:
+            if needs_ref:
+                initial = copy.deepcopy(model)
             model.load_state_dict(_state_dict_from_dir(resume["model_dir"]), strict=False)
         self.model = make_lm_head_input_contiguous(model.to(self.device))
         if self.model.config._attn_implementation != config.model.attn_implementation:
@@ -558,8 +565,11 @@ class ALPTrainer:
         # Engine and reference model are built from the unperturbed weights, before hooks exist.
         self.engine = self._make_engine()
         self.ref_model = None
-        if float(getattr(self.loss_cfg, "kl_coef", 0.0) or 0.0) > 0:
-            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if needs_ref:
+            ref = copy.deepcopy(self.model) if initial is None else initial.to(self.device)
+            ref.eval().requires_grad_(False)
+            if ref.config._attn_implementation != config.model.attn_implementation:
+                ref.set_attn_implementation(config.model.attn_implementation)
             self.ref_model = make_lm_head_input_contiguous(ref)
 
         self.perturbation = None
@@ -604,8 +614,11 @@ class ALPTrainer:
             # efficient loading gives the other ranks empty weights until then): sync them.
             state = self._full_state_dict(all_ranks=True)
             self.engine.update_weights(state)
-            if self.ref_model is not None:
+            if self.ref_model is not None and not resume:
                 self.ref_model.load_state_dict(state)
+            elif self.ref_model is not None:  # resumed: rank 0's initial model, everywhere
+                for tensor in self.ref_model.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
 
         self.step = 0
         self.nonfinite_in_row = 0

@@ -169,6 +169,7 @@ def resume_config(run_dir: Path, problems: tuple[str, str]) -> TrainConfig:
     cfg.checkpoint.every = 1
     cfg.checkpoint.keep_last = 0
     cfg.optim.lr_schedule = "linear"  # the LR scheduler state must be restored too
+    cfg.algorithm.loss = {"kl_coef": 0.05}  # the KL reference must stay the INITIAL model
     return cfg
 
 
