@@ -144,7 +144,7 @@ def load_dataset(
         name_or_path: a bundled name (``gsm8k_train``, ``gsm8k_test``, ``math500``, ``aime24``,
             ``amc23``, ``olympiadbench``, ``simplelr_math35_train``, ``aime_1983_2023_train``),
             a group with a split (``"gsm8k"`` + ``split="test"``), a procedural generator
-            (``"arith"``, ``"arith_easy"``, ``"arith_hard"``; ``split`` is ``"train"`` or
+            (``"arith"``, ``"arith_small"``, ``"arith_easy"``, ``"arith_hard"``; ``split`` is ``"train"`` or
             ``"test"``, other keyword options go to the generator, e.g. ``n=500, seed=1``), or
             the path of a JSONL file.
         split: see above; for a bundled name that already names its split it must match or be None.

@@ -4,8 +4,11 @@
 hard for a small model "in its head" and trivial with ``print(a * b)``. The default 135M model
 writes such a block for many questions when the prompt carries a one-shot example, so its
 reward with the tool is above zero but far from one: room to learn within minutes of CPU
-training. Three difficulty levels:
+training. Four difficulty levels:
 
+- ``arith_small``: ``a op b`` with operands 1-20 and op in ``+ -`` (800 distinct questions:
+  600 train / 120 test by default); the one the 135M model can do without a tool, for the
+  single-turn default;
 - ``arith_easy``: ``a op b`` with two-digit operands and op in ``+ - *``;
 - ``arith`` (``level="medium"``): ``a * b`` with a 3-4 digit and a 3 digit operand;
 - ``arith_hard``: ``a * b + c`` / ``a * b - c`` with 3-4 digit operands.
@@ -29,9 +32,10 @@ import random
 
 from .datasets import DatasetError, Problem, normalize_question, register_generator
 
-LEVELS = ("easy", "medium", "hard")
+LEVELS = ("small", "easy", "medium", "hard")
 SPLITS = ("train", "test")
 DEFAULT_SIZES = {"train": 5000, "test": 500}
+SMALL_SIZES = {"train": 600, "test": 120}  # of ~640 / ~160 distinct questions per split
 _TEST_BUCKETS = 5  # one in five questions is test-only
 
 
@@ -43,6 +47,10 @@ def split_of(question: str) -> str:
 
 def _expression(rng: random.Random, level: str) -> tuple[str, int]:
     """One random expression at ``level`` and its exact value."""
+    if level == "small":
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        op = rng.choice("+-")
+        return f"{a} {op} {b}", a + b if op == "+" else a - b
     if level == "easy":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         op = rng.choice("+-*")
@@ -72,14 +80,15 @@ def arith(
         split: "train" or "test" (disjoint, see the module docstring).
         n: number of problems (default 5000 for train, 500 for test).
         seed: changes the sample within the split, never the split membership.
-        level: "easy", "medium" (default) or "hard".
+        level: "small", "easy", "medium" (default) or "hard".
         name: dataset name used in ids and ``source`` (default ``arith`` / ``arith_<level>``).
     """
     if split not in SPLITS:
         raise DatasetError(f"arith has splits {SPLITS}, got split={split!r}")
     if level not in LEVELS:
         raise DatasetError(f"arith level must be one of {LEVELS}, got {level!r}")
-    n = DEFAULT_SIZES[split] if n is None else int(n)
+    sizes = SMALL_SIZES if level == "small" else DEFAULT_SIZES
+    n = sizes[split] if n is None else int(n)
     if n < 0:
         raise DatasetError(f"arith n must be >= 0, got {n}")
     name = name or ("arith" if level == "medium" else f"arith_{level}")
@@ -122,5 +131,6 @@ def _level_generator(level: str, name: str):
 
 
 register_generator("arith", _level_generator("medium", "arith"))
+register_generator("arith_small", _level_generator("small", "arith_small"))
 register_generator("arith_easy", _level_generator("easy", "arith_easy"))
 register_generator("arith_hard", _level_generator("hard", "arith_hard"))

@@ -129,6 +129,20 @@ def test_arith_splits_are_disjoint_deterministic_and_correct(name):
     assert len({p.question for p in train}) == len(train)
 
 
+def test_arith_small_covers_its_question_space_without_leaking():
+    train = envs.load_dataset("arith_small", split="train")
+    test = envs.load_dataset("arith_small", split="test")
+    assert (len(train), len(test)) == (600, 120)  # of ~640 / ~160 distinct questions
+    assert envs.dataset_overlap(train, test).n_overlap == 0
+    assert len({p.question for p in train + test}) == 720
+    for problem in train + test:
+        a, op, b = problem.metadata["expression"].split()
+        assert 1 <= int(a) <= 20 and 1 <= int(b) <= 20 and op in "+-"
+        assert problem.answer == str(_value(problem.metadata["expression"]))
+    with pytest.raises(envs.DatasetError, match="could not draw"):
+        envs.load_dataset("arith_small", split="test", n=400)  # more than exist
+
+
 def test_arith_levels_differ_in_difficulty():
     digits = {
         name: max(
