@@ -174,8 +174,7 @@ def _logits(out) -> torch.Tensor:
 def _place(result, first: int, score_from: torch.Tensor):
     """Put log-probs (and entropies) of columns ``first:`` back into full-width rows, with 0
     before each row's ``score_from``."""
-    width = result[0].shape[1] if isinstance(result, tuple) else result.shape[1]
-    columns = torch.arange(first, first + width, device=score_from.device)
+    columns = torch.arange(first, first + _width(result), device=score_from.device)
     keep = columns[None, :] >= score_from[:, None]
 
     def place(t: torch.Tensor) -> torch.Tensor:
@@ -364,4 +363,5 @@ def _packed_logprobs(
 
 
 def _width(result) -> int:
+    """Columns of a log-prob result (a tensor, or a (log-probs, entropies) pair)."""
     return (result[0] if isinstance(result, tuple) else result).shape[1]
