@@ -18,8 +18,8 @@ Properties the trainer relies on (all tested):
   seed gives the same noise and a gradient-checkpoint recomputation sees identical noise
   (wherever the checkpoint sits relative to the hooks). The n-th forward through a layer inside
   one ``active()`` block uses a seed derived from ``(seed, n)`` (the first uses ``seed`` itself),
-  so a micro-batch computed in several forwards (a shared prompt prefix, then the per-row
-  continuations) gets independent noise in each, never the same draw twice.
+  so several forwards inside one block (e.g. a micro-batch split into pieces) get independent
+  noise, never the same draw twice.
 - Memory-neutral: the noise is drawn in float32 into one reusable buffer and not kept for
   backward; the backward redraws it from the seed to form ``d loss / d s_l``
   (``store_noise=True`` keeps a copy instead: one draw less, more activation memory).

@@ -63,7 +63,9 @@ class PositionCounter:
     def __init__(self, *models: torch.nn.Module) -> None:
         self.grad = self.no_grad = 0
         self.handles = [
-            m.register_forward_pre_hook(self._count, with_kwargs=True) for m in models if m
+            m.register_forward_pre_hook(self._count, with_kwargs=True)
+            for m in models
+            if m is not None
         ]
 
     def _count(self, module, args, kwargs) -> None:
