@@ -5,7 +5,14 @@ file plus command-line overrides into an instance of it, and reports mistakes pr
 unknown key names the key, where it came from (the YAML file and line, or "command line") and
 the closest valid key; a value of the wrong type names the field and the expected type.
 
-Precedence, lowest to highest: dataclass defaults, the YAML file, overrides (in order).
+Precedence, lowest to highest: dataclass defaults, the YAML files (in order), overrides (in
+order). A YAML file may name the files it builds on in a top-level ``defaults:`` list (paths
+relative to the file); they are loaded first, so a preset file holds only what it changes::
+
+    # train/configs/presets/bypass.yaml
+    defaults: [../multi_turn_cpu.yaml]
+    algorithm:
+      preset: bypass
 
 Example::
 
@@ -97,14 +104,15 @@ class ConfigError(ValueError):
 
 def load_config(
     schema: type[T],
-    config_path: str | os.PathLike[str] | None = None,
+    config_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     overrides: Sequence[str] = (),
 ) -> T:
-    """Build a ``schema`` instance from its defaults, a YAML file and overrides.
+    """Build a ``schema`` instance from its defaults, YAML files and overrides.
 
     Args:
         schema: a dataclass type (nested dataclasses become YAML sections).
-        config_path: optional YAML file; it may set any subset of the fields.
+        config_path: optional YAML file, or several applied in order; each may set any subset
+            of the fields and name the files it builds on under ``defaults:``.
         overrides: ``"a.b=1"``, ``"--a.b=1"`` or the pair ``"--a.b", "1"``; a lone ``--flag``
             sets a boolean field to true. Values are parsed as YAML (``1e-6``, ``[1, 2]``, ``null``).
 
@@ -118,9 +126,14 @@ def load_config(
     except (OmegaConfBaseException, NameError) as exc:
         raise TypeError(f"{schema.__name__} cannot be used as a config schema: {exc}") from exc
     layers: list[tuple[DictConfig, str, Path | None]] = []
-    if config_path is not None:
-        path = Path(config_path)
-        layers.append((_read_yaml(path), str(path), path))
+    if config_path is None:
+        paths: list[Path] = []
+    elif isinstance(config_path, str | os.PathLike):
+        paths = [Path(config_path)]
+    else:
+        paths = [Path(p) for p in config_path]
+    for path in paths:
+        layers.extend(_read_layers(path, ()))
     dotlist = normalize_overrides(overrides, schema)
     if dotlist:
         try:
@@ -141,6 +154,43 @@ def load_config(
     except (ValueError, TypeError) as exc:  # raised by the schema's own __post_init__ checks
         sources = " + ".join(["defaults"] + [source for _, source, _ in layers])
         raise ConfigError(f"invalid configuration ({sources}): {exc}") from exc
+
+
+DEFAULTS_KEY = "defaults"
+
+
+def _read_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[DictConfig, str, Path | None]]:
+    """``path``'s ``defaults:`` files (recursively, in order), then ``path`` itself."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"{path}: {DEFAULTS_KEY} form a cycle: {cycle}", source=str(path))
+    layer = _read_yaml(path)
+    layers: list[tuple[DictConfig, str, Path | None]] = []
+    if DEFAULTS_KEY in layer:
+        parents = OmegaConf.to_container(layer[DEFAULTS_KEY])
+        where = f"{path}:{_yaml_line(path, DEFAULTS_KEY)}"
+        if isinstance(parents, str):
+            parents = [parents]
+        if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+            raise ConfigError(
+                f"{where}: {DEFAULTS_KEY} must be a list of YAML file paths "
+                f"(relative to this file), got {parents!r}",
+                key=DEFAULTS_KEY,
+                source=where,
+            )
+        for parent in parents:
+            parent_path = path.parent / parent
+            if not parent_path.is_file():
+                raise ConfigError(
+                    f"{where}: {DEFAULTS_KEY} names {parent!r}, but {parent_path} does not exist",
+                    key=DEFAULTS_KEY,
+                    source=where,
+                )
+            layers.extend(_read_layers(parent_path, (*chain, resolved)))
+        layer = OmegaConf.masked_copy(layer, [k for k in layer if k != DEFAULTS_KEY])
+    layers.append((layer, str(path), path))
+    return layers
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -438,13 +488,15 @@ class CliExtras:
     """What `parse_cli` learned besides the configuration itself.
 
     Attributes:
-        config_path: the ``--config`` file, if one was given.
+        config_path: the last ``--config`` file (or the default one), if any.
+        config_paths: every ``--config`` file, in the order they were applied.
         overrides: the normalised overrides that were applied (``["trainer.lr=1e-6"]``).
         passthrough: tokens after a bare ``--`` (left for the script, e.g. to forward).
     """
 
     config_path: Path | None = None
     overrides: list[str] = dataclasses.field(default_factory=list)
+    config_paths: list[Path] = dataclasses.field(default_factory=list)
     passthrough: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -457,7 +509,7 @@ def parse_cli(
 ) -> tuple[T, CliExtras]:
     """Parse a script's command line into a ``schema`` instance.
 
-    Accepts ``--config FILE.yaml`` (``-c``), overrides as ``key=value``, ``--key value``,
+    Accepts ``--config FILE.yaml`` (``-c``; repeat it to layer files, later ones win), overrides as ``key=value``, ``--key value``,
     ``--key=value`` or ``--flag``, ``--print-config`` (print the resolved YAML and exit) and
     ``--help`` (every field with type, default and doc). Configuration mistakes print the
     `ConfigError` message and exit with status 2, like any argparse error.
@@ -480,24 +532,31 @@ def parse_cli(
         " later ones win):\n" + config_help(schema),
     )
     parser.add_argument(
-        "-c", "--config", type=Path, default=default_config, help="YAML file with field values"
+        "-c",
+        "--config",
+        type=Path,
+        action="append",
+        help="YAML file with field values; repeat to layer files (later ones win)"
+        + (f"; default: {default_config}" if default_config else ""),
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration and exit"
     )
     known, rest = parser.parse_known_args(argv)
+    paths = known.config or ([Path(default_config)] if default_config else [])
     try:
         dotlist = normalize_overrides(rest, schema)
-        config = load_config(schema, known.config, dotlist)
+        config = load_config(schema, paths, dotlist)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if known.print_config:
         print(config_to_yaml(config), end="")
         parser.exit(0)
     return config, CliExtras(
-        config_path=Path(known.config) if known.config else None,
+        config_path=paths[-1] if paths else None,
         overrides=dotlist,
         passthrough=passthrough,
+        config_paths=list(paths),
     )
 
 

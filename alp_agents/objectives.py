@@ -36,10 +36,14 @@ import torch
 from alp_agents import metrics as M
 
 __all__ = [
+    "LossTerms",
     "PolicyLossConfig",
     "PRESETS",
     "SETTINGS",
+    "accumulation_normalizer",
+    "final_loss_mask",
     "policy_loss",
+    "policy_loss_terms",
     "preset_names",
 ]
 
@@ -441,6 +445,62 @@ def correction_weights(
     return weights, new_mask, unit_weights, unit_mask
 
 
+def final_loss_mask(
+    old: torch.Tensor | None,
+    infer: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+) -> torch.Tensor:
+    """The loss mask after the config's rejections (MIS dropping, veto), as `policy_loss` uses it.
+
+    Rejection depends only on ``rho = pi_old / mu``, which is known before the update, so a
+    trainer can compute it for the whole batch up front (for `accumulation_normalizer`).
+    """
+    m = mask.detach().float()
+    if config.correction == "none" and config.veto_threshold is None:
+        return m
+    if old is None:
+        raise ValueError(
+            f"old_logprobs are required by this config ({_why('old_logprobs', config)})"
+        )
+    valid = m > 0
+    zeros = torch.zeros_like(m)
+    old, infer = (torch.where(valid, x.detach().float(), zeros) for x in (old, infer))
+    return correction_weights(old, infer, m, config)[1]
+
+
+def accumulation_normalizer(final_mask: torch.Tensor, config: PolicyLossConfig) -> float:
+    """The denominator every micro-batch loss of one optimiser step must share.
+
+    ``final_mask`` is the step's loss mask AFTER rejection (`final_loss_mask`): the count of
+    loss tokens (``token_mean``) or of sequences with loss tokens (``seq_mean_token_mean``).
+    With it, micro-batch losses sum to the loss of one call on the whole mini-batch; counting
+    before rejection would shrink every MIS loss by the dropped fraction. At least 1.
+    """
+    m = final_mask.detach()
+    counted = m if config.aggregation == "token_mean" else (m.sum(-1) > 0)
+    return max(1.0, float(counted.sum()))
+
+
+@dataclass
+class LossTerms:
+    """The parts of a policy loss (`policy_loss_terms`).
+
+    ``policy`` is the clipped, corrected surrogate: the only term the perturbation scale sigma
+    may learn from (ALP_SPEC section 1: "it learns only through the policy-loss gradient").
+    ``regularizer`` is ``kl_coef * KL - entropy_coef * entropy`` (a zero tensor when both are
+    off); a trainer keeps its gradient away from sigma. ``total = policy + regularizer``.
+    """
+
+    policy: torch.Tensor
+    regularizer: torch.Tensor
+    metrics: dict[str, float]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.policy + self.regularizer
+
+
 # ---------------------------------------------------------------------------------------------
 # the loss
 
@@ -458,6 +518,46 @@ def policy_loss(
     normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss of any method (ALP, Bypass, GRPO, GSPO, TIS, MIS) and its diagnostics.
+
+    ``(loss, metrics)`` with ``loss = policy + regularizer`` of `policy_loss_terms` (see there
+    for the arguments); the convenient form when nothing needs the parts apart.
+
+    >>> import torch
+    >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    >>> cfg = PolicyLossConfig.preset("bypass", ratio_level="token")
+    >>> loss, m = policy_loss(lp, torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]),
+    ...                       torch.ones(1, 2), cfg)
+    >>> float(loss.detach()), m["ratio/mean"]
+    (-1.0, 1.0)
+    """
+    terms = policy_loss_terms(
+        logprobs,
+        infer_logprobs,
+        advantages,
+        mask,
+        config,
+        old_logprobs=old_logprobs,
+        turn_index=turn_index,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+        normalizer=normalizer,
+    )
+    return terms.total, terms.metrics
+
+
+def policy_loss_terms(
+    logprobs: torch.Tensor,
+    infer_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    old_logprobs: torch.Tensor | None = None,
+    turn_index: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    normalizer: float | None = None,
+) -> LossTerms:
+    """The policy loss of any method, split into its terms, and its diagnostics.
 
     Args:
         logprobs: ``(B, T)`` trainer log-probs of the sampled tokens, with grad (the perturbed
@@ -477,17 +577,9 @@ def policy_loss(
             step, so micro-batch losses sum to the full-batch mean.
 
     Returns:
-        ``(loss, metrics)``: a scalar float32 loss and a dict of floats (keys documented in
-        docs/alp.md: ``loss/*``, ``ratio/*``, ``seq_log_ratio/*``, ``clip/*``, ``mismatch/*``,
-        ``mismatch_old/*``, ``correction/*``, ``entropy``, ``tokens``, ...).
-
-    >>> import torch
-    >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    >>> cfg = PolicyLossConfig.preset("bypass", ratio_level="token")
-    >>> loss, m = policy_loss(lp, torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]),
-    ...                       torch.ones(1, 2), cfg)
-    >>> float(loss.detach()), m["ratio/mean"]
-    (-1.0, 1.0)
+        `LossTerms`: the scalar float32 policy term and regulariser, and a dict of floats (keys
+        documented in docs/alp.md: ``loss/*``, ``ratio/*``, ``seq_log_ratio/*``, ``clip/*``,
+        ``mismatch/*``, ``mismatch_old/*``, ``correction/*``, ``entropy``, ``tokens``, ...).
     """
     optional = {
         "old_logprobs": old_logprobs,
@@ -534,21 +626,21 @@ def policy_loss(
         stats.update(M.weight_stats(unit_w, unit_m, m, loss_mask))
 
     pg_loss = _aggregate(per_token, loss_mask, config.aggregation, normalizer)
-    loss = pg_loss
+    regularizer = (lp * 0.0).sum()  # zero, but on the graph (DDP and backward() still work)
     stats["loss/policy"] = pg_loss.detach()
     if config.kl_coef > 0:
         assert ref_logprobs is not None
         q = (on_mask(ref_logprobs.detach()) - lp).clamp(-clamp, clamp)
         kl = _aggregate(torch.expm1(q) - q, loss_mask, config.aggregation, normalizer)
-        loss = loss + config.kl_coef * kl
+        regularizer = regularizer + config.kl_coef * kl
         stats["loss/kl"] = kl.detach()
     if entropy is not None:
         ent = _aggregate(on_mask(entropy), loss_mask, config.aggregation, normalizer)
         if config.entropy_coef > 0:
-            loss = loss - config.entropy_coef * ent
+            regularizer = regularizer - config.entropy_coef * ent
         stats["loss/entropy"] = ent.detach()
         stats.update(M.entropy_stats(entropy, loss_mask))
-    stats["loss/total"] = loss.detach()
+    stats["loss/total"] = (pg_loss + regularizer).detach()
 
     stats.update(M.ratio_stats(ratio, loss_mask))
     stats.update(M.seq_log_ratio_stats(lp - den, m))
@@ -564,4 +656,4 @@ def policy_loss(
     stats["sequences"] = (loss_mask.sum(-1) > 0).sum()
     stats["advantage/mean"] = M.masked_mean(adv, loss_mask)
     stats["advantage/abs_mean"] = M.masked_mean(adv.abs(), loss_mask)
-    return loss, M.to_floats(stats)
+    return LossTerms(pg_loss, regularizer, M.to_floats(stats))

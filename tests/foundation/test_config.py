@@ -192,3 +192,64 @@ def test_parse_cli_reads_config_file_overrides_and_passthrough(tmp_path, capsys)
 def test_module_doctests_hold():
     result = doctest.testmod(config_module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# layered files: `defaults:` and several --config
+
+
+def test_defaults_layer_files_and_repeated_config_flags_apply_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 5\noptim:\n  lr: 2.0e-6\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("defaults: [../base.yaml]\noptim:\n  weight_decay: 0.5\n")
+    cfg = load_config(DemoConfig, child)
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.weight_decay) == (5, 2e-6, 0.5)
+    last = tmp_path / "last.yaml"
+    last.write_text("steps: 9\n")
+    cfg, extras = parse_cli(DemoConfig, ["-c", str(child), "--config", str(last), "steps=11"])
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.weight_decay) == (11, 2e-6, 0.5)
+    assert extras.config_paths == [child, last] and extras.config_path == last
+    cfg, _ = parse_cli(DemoConfig, ["-c", str(child), "--config", str(last)])
+    assert cfg.steps == 9
+
+
+def test_defaults_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 1\ndefaults: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: defaults names 'missing\.yaml'"):
+        load_config(DemoConfig, bad)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("defaults: [b.yaml]\n")
+    b.write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(DemoConfig, a)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("defaults: {x: 1}\n")
+    with pytest.raises(ConfigError, match=r"wrong\.yaml:1: defaults must be a list"):
+        load_config(DemoConfig, wrong)
+
+
+def test_every_preset_file_differs_from_the_cpu_default_only_in_its_own_keys():
+    """A preset run is the default run with another objective: same attention, micro-batch,
+    stored noise, data and budget (a comparison must differ only in what it compares)."""
+    from dataclasses import asdict
+
+    from alp_agents.trainer import TrainConfig
+
+    configs = Path(__file__).resolve().parents[2] / "train" / "configs"
+    default = asdict(load_config(TrainConfig, configs / "multi_turn_cpu.yaml"))
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+        return out
+
+    presets = sorted((configs / "presets").glob("*.yaml"))
+    assert len(presets) >= 6
+    for path in presets:
+        resolved = flat(asdict(load_config(TrainConfig, path)))
+        changed = {k for k, v in resolved.items() if flat(default)[k] != v}
+        assert changed <= {"algorithm.preset", "logging.name"}, (path.name, changed)
+        assert resolved["algorithm.preset"] == path.stem

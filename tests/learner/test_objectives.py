@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from alp_agents.objectives import PolicyLossConfig, policy_loss, preset_names
+from alp_agents.objectives import (
+    PolicyLossConfig,
+    accumulation_normalizer,
+    final_loss_mask,
+    policy_loss,
+    policy_loss_terms,
+    preset_names,
+)
 
 LN = math.log
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -410,3 +417,68 @@ def test_bool_mask_and_bf16_logprobs():
         lp, mu, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), custom(ratio_level="token")
     )
     assert loss.dtype == torch.float32 and float(loss) == pytest.approx(-1.5, rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation: micro-batch losses must add up to the single-call loss
+
+
+def test_mis_micro_batches_sum_to_the_full_batch_loss_when_tokens_are_dropped():
+    """Two rows, MIS drops token 2 of row 0 (rho 8 > 5). Split into one row per micro-batch with
+    the shared normaliser counted AFTER dropping, the pieces add up to the one-call loss
+    (counted before dropping, they would be 3/4 of it: 3 kept of 4 tokens)."""
+    cfg = PolicyLossConfig.preset("mis")
+    mu = torch.full((2, 2), -3.0)
+    old = mu + torch.tensor([[LN(1.0), LN(8.0)], [LN(2.0), LN(1.0)]])
+    lp = old + torch.tensor([[LN(1.1), LN(1.0)], [LN(1.2), LN(0.9)]])
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 2)
+    full, _ = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    kept = final_loss_mask(old, mu, mask, cfg)
+    assert kept.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    norm = accumulation_normalizer(kept, cfg)
+    assert norm == 3.0
+    parts = [
+        policy_loss(lp[i : i + 1], mu[i : i + 1], adv[i : i + 1], mask[i : i + 1], cfg,
+                    old_logprobs=old[i : i + 1], normalizer=norm)[0]
+        for i in range(2)
+    ]  # fmt: skip
+    # by hand: row 0 keeps r = 1.1 with w = 1 -> -1.1 ... clip [0.8, 1.28] keeps 1.1 -> -1.1
+    # row 1 (A = -1): w = min(2, 5) = 2, r = 1.2 -> max(1.2, 1.2) * 2 = 2.4; r = 0.9 -> 0.9
+    assert float(full) == pytest.approx((-1.1 + 2.4 + 0.9) / 3)
+    assert float(sum(parts)) == pytest.approx(float(full))
+
+
+def test_accumulation_normalizer_counts_sequences_for_seq_mean():
+    cfg = PolicyLossConfig.preset("bypass", aggregation="seq_mean_token_mean")
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    assert accumulation_normalizer(mask, cfg) == 2.0
+    assert accumulation_normalizer(torch.zeros(2, 2), PolicyLossConfig.preset("alp")) == 1.0
+
+
+def test_final_loss_mask_without_rejection_is_the_mask_and_veto_drops_sequences():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    mu = torch.full((1, 3), -2.0)
+    assert final_loss_mask(None, mu, mask, PolicyLossConfig.preset("alp")).tolist() == [
+        [1.0, 1.0, 0.0]
+    ]
+    old = mu + torch.tensor([[0.0, LN(1e-5), 0.0]])
+    cfg = PolicyLossConfig.preset("tis", veto_threshold=1e-4)
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="old_logprobs are required"):
+        final_loss_mask(None, mu, mask, cfg)
+
+
+def test_loss_terms_split_the_regularizer_from_the_policy_term():
+    """kl_coef > 0: total = policy + kl_coef * k3; with A = 0 the policy term is exactly 0."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0]])
+    cfg = PolicyLossConfig.preset("alp", setting="single_turn")
+    terms = policy_loss_terms(lp, lp.detach(), torch.tensor([0.0]), torch.ones(1, 2), cfg,
+                              ref_logprobs=ref)  # fmt: skip
+    q = -0.5  # log pi_ref - log pi on token 0; token 1 has q = 0
+    k3 = (math.exp(q) - q - 1) / 2
+    assert float(terms.policy) == 0.0
+    assert float(terms.regularizer) == pytest.approx(0.001 * k3)
+    assert float(terms.total) == pytest.approx(0.001 * k3)
+    (grad,) = torch.autograd.grad(terms.policy, lp)
+    assert grad.abs().sum() == 0.0  # A = 0: nothing for sigma to learn from the policy term
