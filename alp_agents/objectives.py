@@ -41,6 +41,7 @@ __all__ = [
     "PRESETS",
     "SETTINGS",
     "accumulation_normalizer",
+    "correction_batch_stats",
     "final_loss_mask",
     "policy_loss",
     "policy_loss_terms",
@@ -480,6 +481,30 @@ def accumulation_normalizer(final_mask: torch.Tensor, config: PolicyLossConfig) 
     m = final_mask.detach()
     counted = m if config.aggregation == "token_mean" else (m.sum(-1) > 0)
     return max(1.0, float(counted.sum()))
+
+
+def correction_batch_stats(
+    old: torch.Tensor,
+    infer: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+) -> dict[str, float]:
+    """``correction/*`` diagnostics of a whole step's batch, as batch values (not means of
+    micro-batch values): weight mean/min/max and ESS over the sampling units, the fraction of
+    loss tokens and of sequences the rejection dropped. Empty when the config neither weights
+    nor rejects."""
+    if config.correction == "none" and config.veto_threshold is None:
+        return {}
+    m = mask.detach().float()
+    valid = m > 0
+    zeros = torch.zeros_like(m)
+    old, infer = (torch.where(valid, x.detach().float(), zeros) for x in (old, infer))
+    _, kept, unit_w, unit_m = correction_weights(old, infer, m, config)
+    stats = M.weight_stats(unit_w, unit_m, m, kept)
+    had = m.sum(-1) > 0
+    dropped_seqs = (had & (kept.sum(-1) == 0)).sum()
+    stats["correction/seq_dropped_frac"] = dropped_seqs / had.sum().clamp(min=1)
+    return M.to_floats(stats)
 
 
 @dataclass

@@ -482,3 +482,17 @@ def test_loss_terms_split_the_regularizer_from_the_policy_term():
     assert float(terms.total) == pytest.approx(0.001 * k3)
     (grad,) = torch.autograd.grad(terms.policy, lp)
     assert grad.abs().sum() == 0.0  # A = 0: nothing for sigma to learn from the policy term
+
+
+def test_correction_batch_stats_are_values_of_the_whole_batch():
+    """The shared scenario plus a second row all of whose tokens MIS drops (rho 10, 0.1)."""
+    from alp_agents.objectives import correction_batch_stats
+
+    lp, mu, _, _, old = scenario()
+    mu2 = torch.cat([mu, torch.full((1, 4), -3.0)])
+    old2 = torch.cat([old, mu2[1:] + torch.tensor([[LN(10.0), LN(0.1), LN(10.0), LN(0.1)]])])
+    s = correction_batch_stats(old2, mu2, torch.ones(2, 4), PolicyLossConfig.preset("mis"))
+    assert s["correction/masked_frac"] == pytest.approx(6 / 8)  # row 0 keeps rho 1 and 2 only
+    assert s["correction/seq_dropped_frac"] == pytest.approx(0.5)
+    assert s["correction/weight_max"] == pytest.approx(2.0)  # dropped units weigh 0
+    assert correction_batch_stats(old2, mu2, torch.ones(2, 4), PolicyLossConfig.preset("alp")) == {}
