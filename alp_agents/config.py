@@ -106,6 +106,7 @@ def load_config(
     schema: type[T],
     config_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     overrides: Sequence[str] = (),
+    extra_sections: Sequence[str] = (),
 ) -> T:
     """Build a ``schema`` instance from its defaults, YAML files and overrides.
 
@@ -113,6 +114,8 @@ def load_config(
         schema: a dataclass type (nested dataclasses become YAML sections).
         config_path: optional YAML file, or several applied in order; each may set any subset
             of the fields and name the files it builds on under ``defaults:``.
+        extra_sections: top-level YAML keys that belong to another reader (e.g. a study's
+            ``study:`` grid) and are skipped here instead of being unknown keys.
         overrides: ``"a.b=1"``, ``"--a.b=1"`` or the pair ``"--a.b", "1"``; a lone ``--flag``
             sets a boolean field to true. Values are parsed as YAML (``1e-6``, ``[1, 2]``, ``null``).
 
@@ -133,7 +136,11 @@ def load_config(
     else:
         paths = [Path(p) for p in config_path]
     for path in paths:
-        layers.extend(_read_layers(path, ()))
+        for layer, source, where in _read_layers(path, ()):
+            skip = [k for k in extra_sections if k in layer]
+            if skip:
+                layer = OmegaConf.masked_copy(layer, [k for k in layer if k not in skip])
+            layers.append((layer, source, where))
     dotlist = normalize_overrides(overrides, schema)
     if dotlist:
         try:
@@ -506,6 +513,7 @@ def parse_cli(
     description: str | None = None,
     prog: str | None = None,
     default_config: str | os.PathLike[str] | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> tuple[T, CliExtras]:
     """Parse a script's command line into a ``schema`` instance.
 
@@ -517,6 +525,7 @@ def parse_cli(
     Args:
         argv: the arguments (default ``sys.argv[1:]``).
         default_config: YAML file used when ``--config`` is not given.
+        extra_sections: top-level YAML keys to skip (see `load_config`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
@@ -546,7 +555,7 @@ def parse_cli(
     paths = known.config or ([Path(default_config)] if default_config else [])
     try:
         dotlist = normalize_overrides(rest, schema)
-        config = load_config(schema, paths, dotlist)
+        config = load_config(schema, paths, dotlist, extra_sections=extra_sections)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if known.print_config:

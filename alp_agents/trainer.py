@@ -57,9 +57,8 @@ PRESETS = ("alp", "bypass", "grpo", "gspo", "tis", "mis")
 ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TINY_MODEL_PREFIX = "tiny-"
-TRAJECTORY_SAMPLES_FILE = (
-    "trajectories.jsonl"  # "tiny-llama", "tiny-qwen2": random tiny models for tests
-)
+TRAJECTORY_SAMPLES_FILE = "trajectories.jsonl"
+HELDOUT_SAMPLES_FILE = "heldout.jsonl"  # per held-out sample: label, problem id, reward
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,7 +544,7 @@ class ALPTrainer:
             )
         )
         # The KL reference is the model the run STARTED from, also after a resume.
-        needs_ref = float(getattr(self.loss_cfg, "kl_coef", 0.0) or 0.0) > 0
+        needs_ref = self.loss_cfg.needs_ref_logprobs
         initial = None
         if model is None:
             model = self._load_model(resume["model_dir"] if resume else None)
@@ -573,7 +572,7 @@ class ALPTrainer:
             self.ref_model = make_lm_head_input_contiguous(ref)
 
         self.perturbation = None
-        if _uses_perturbation(self.loss_cfg):
+        if self.loss_cfg.perturbation:
             from alp_agents.perturb import LayerwisePerturbation
 
             p = config.perturbation
@@ -587,6 +586,7 @@ class ALPTrainer:
             )
             if resume and resume["perturbation"] is not None:
                 self.perturbation.load_state_dict(resume["perturbation"])
+            self._warn_if_noise_unresolved()
 
         self.optimizer = self._make_optimizer()
         total_updates = config.steps * config.algorithm.mini_batches
@@ -648,6 +648,29 @@ class ALPTrainer:
         self._in_update = False
 
     # ---------------------------------------------------------------- construction helpers
+    def _warn_if_noise_unresolved(self) -> None:
+        """Say so at start when sigma_0 is below what the trainer's matmul precision resolves."""
+        from alp_agents.perturb import resolvable_sigma
+
+        p = self.cfg.perturbation
+        if p.target != "hidden":
+            return
+        compute = (
+            torch.bfloat16
+            if self.cfg.model.autocast == "bf16"
+            else getattr(torch, self.cfg.model.dtype)
+        )
+        floor = resolvable_sigma(compute)
+        if p.sigma_init < floor:
+            self._say(
+                f"WARNING: perturbation.sigma_init={p.sigma_init:g} is below what the trainer's "
+                f"{str(compute).removeprefix('torch.')} matmuls resolve (~{floor:.2g} for "
+                "activations of order 1): the noise mostly vanishes in rounding, and this ALP run "
+                "is close to Bypass plus rounding jitter. Raise sigma_init (the single-turn "
+                "release uses 0.02), or train without autocast; the logged "
+                "perturbation/logprob_change shows the realised effect."
+            )
+
     def _load_model(self, path: Path | None) -> Any:
         from alp_agents.models import load_model, make_tiny_model
 
@@ -836,6 +859,7 @@ class ALPTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             _truncate_jsonl(self.run_dir / TRAJECTORY_SAMPLES_FILE, resume_step)
+            _truncate_jsonl(self.run_dir / HELDOUT_SAMPLES_FILE, resume_step)
         from alp_agents.runlog import RunLogger
 
         return RunLogger(
@@ -936,6 +960,7 @@ class ALPTrainer:
     def train_step(self) -> dict[str, float]:
         """One full step: rollout, advantages, K mini-batch updates, weight sync. Returns metrics."""
         from alp_agents.advantages import grpo_advantages
+        from alp_agents.objectives import final_loss_mask
         from alp_agents.trajectory import collate
 
         cfg = self.cfg
@@ -972,11 +997,18 @@ class ALPTrainer:
         metrics["advantage/zero_groups_ratio"] = _zero_group_ratio(adv, group_ids)
 
         t_upd = time.perf_counter()
-        old_lp = ref_lp = None
-        if _needs_old_logprobs(self.loss_cfg):
-            old_lp = self._no_grad_logprobs(self._unwrapped(), batch, group_ids, score_from)
+        # pi_old for every preset: the denominator of GRPO-style ratios, the rejection rules of
+        # MIS-style ones, and for all of them the engine mismatch clean of noise and staleness.
+        old_lp = self._no_grad_logprobs(self._unwrapped(), batch, group_ids, score_from)
+        ref_lp = None
         if self.ref_model is not None:
             ref_lp = self._no_grad_logprobs(self.ref_model, batch, group_ids, score_from)
+        metrics.update(self._batch_metrics(batch, old_lp))
+        # Rejection depends on pi_old / mu only: known now, so every micro-batch of a mini-batch
+        # shares the normaliser of the tokens that will really count.
+        batch["final_mask"] = final_loss_mask(
+            old_lp, batch["infer_logprobs"], batch["loss_mask"], self.loss_cfg
+        )
         metrics.update(self._update(batch, old_lp, ref_lp, group_ids, score_from))
         metrics["time/update_s"] = time.perf_counter() - t_upd
         metrics["throughput/update_tokens_per_s"] = float(batch["attention_mask"].sum()) / max(
@@ -1017,17 +1049,18 @@ class ALPTrainer:
     def _update(
         self,
         batch: dict[str, torch.Tensor],
-        old_lp: torch.Tensor | None,
+        old_lp: torch.Tensor,
         ref_lp: torch.Tensor | None,
         group_ids: Sequence[Any],
         score_from: torch.Tensor,
     ) -> dict[str, float]:
         """K mini-batches, one optimiser step each, micro-batched gradient accumulation.
 
-        Micro-batch losses use the mini-batch's loss-token (or sequence) count as normaliser,
-        so their gradients add up to the full mini-batch mean whatever the micro-batch size.
+        Micro-batch losses share the mini-batch's count of loss tokens (or sequences) AFTER
+        rejection (``batch["final_mask"]``) as normaliser, so their gradients add up to the loss
+        of one call on the whole mini-batch whatever the micro-batch size.
         """
-        from alp_agents.objectives import policy_loss
+        from alp_agents.objectives import accumulation_normalizer, policy_loss_terms
 
         cfg = self.cfg
         g = None
@@ -1037,15 +1070,13 @@ class ALPTrainer:
         mini_batches = mini_batch_rows(group_ids, cfg.algorithm.mini_batches, g)
         loss_metrics: list[tuple[float, dict[str, float]]] = []
         sums: Counter = Counter()
+        noise_effect = Counter()  # |perturbed - unperturbed| log-prob on the first mini-batch
+        rank = self.accelerator.process_index
         self._in_update = True
         try:
             for k, mb in enumerate(mini_batches):
                 rows_mb = torch.tensor(mb)
-                mask_mb = batch["loss_mask"][rows_mb]
-                if self.loss_cfg.aggregation == "token_mean":
-                    normalizer = float(mask_mb.sum())
-                else:
-                    normalizer = float((mask_mb.sum(-1) > 0).sum())
+                normalizer = accumulation_normalizer(batch["final_mask"][rows_mb], self.loss_cfg)
                 micro = [
                     rows_mb[i : i + cfg.algorithm.micro_batch_size]
                     for i in range(0, len(rows_mb), cfg.algorithm.micro_batch_size)
@@ -1058,14 +1089,9 @@ class ALPTrainer:
                     width = sub["input_ids"].shape[1]
                     last = j == len(micro) - 1
                     ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-                    with ctx, self._perturbed(seed=_step_seed(cfg.seed, self.step, 1000 * k + j)):
-                        ent = None
-                        if self.loss_cfg.needs_entropy:
-                            lp, ent = self._log_probs(
-                                self.model, sub, score_from[rows], entropy=True
-                            )
-                        else:
-                            lp = self._log_probs(self.model, sub, score_from[rows])
+                    seed = noise_seed(cfg.seed, self.step, rank, k, j)
+                    with ctx, self._perturbed(seed=seed):
+                        lp, ent = self._numerator_logprobs(sub, score_from[rows])
                         if not bool(torch.isfinite(lp[sub["loss_mask"] > 0]).all()):
                             # A NaN/inf forward (overflow, corrupted weights): no loss; the
                             # whole mini-batch update is skipped below. With several processes
@@ -1076,27 +1102,33 @@ class ALPTrainer:
                             if self.accelerator.num_processes > 1:
                                 self.accelerator.backward(lp.sum() * 0.0)
                             continue
-                        loss, m = policy_loss(
+                        terms = policy_loss_terms(
                             lp,
                             sub["infer_logprobs"],
                             batch["advantages"][rows],
                             sub["loss_mask"],
                             self.loss_cfg,
-                            old_logprobs=None if old_lp is None else old_lp[rows, :width],
+                            old_logprobs=old_lp[rows, :width],
                             turn_index=sub["turn_index"],
                             ref_logprobs=None if ref_lp is None else ref_lp[rows, :width],
                             entropy=ent,
-                            normalizer=max(1.0, normalizer),
+                            normalizer=normalizer,
                         )
-                        finite = finite and bool(torch.isfinite(loss))
-                        self.accelerator.backward(loss)
+                        finite = finite and bool(torch.isfinite(terms.total))
+                        self._backward(terms)
                     numerators[rows, :width] = lp.detach()
-                    mb_loss += float(loss.detach())
-                    loss_metrics.append((float(sub["loss_mask"].sum()), m))
+                    if k == 0 and self.perturbation is not None:
+                        # Same weights as pi_old: the difference is what the noise did.
+                        scored = sub["loss_mask"] > 0
+                        diff = (lp.detach() - old_lp[rows, :width])[scored].abs()
+                        noise_effect["sum"] += float(diff.sum())
+                        noise_effect["n"] += int(diff.numel())
+                    mb_loss += float(terms.total.detach())
+                    loss_metrics.append((float(sub["loss_mask"].sum()), terms.metrics))
                 if self.perturbation is not None and self.accelerator.num_processes > 1:
                     self.perturbation.all_reduce_grads()  # sigma is not a DDP parameter
-                grad_norm = self._clip_grads()
                 sigma_grad = self._sigma_grad_norm()
+                grad_norm = self._clip_grads()
                 if not finite or not math.isfinite(grad_norm):
                     self._skip_update(k, mb_loss, grad_norm, finite)
                     sums["update/skipped"] += 1
@@ -1122,9 +1154,57 @@ class ALPTrainer:
         if self.perturbation is not None:
             out["sigma/grad_norm"] = sums["sigma/grad_norm"] / done
             out.update(self._sigma_metrics())
+            if noise_effect["n"]:
+                out["perturbation/logprob_change"] = noise_effect["sum"] / noise_effect["n"]
         out.update(_weighted_mean(loss_metrics, keep=_MICRO_METRIC_PREFIXES))
         out.update(self._step_ratio_metrics(batch, numerators, old_lp))
         return out
+
+    def _numerator_logprobs(
+        self, sub: dict[str, torch.Tensor], score_from: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ratio numerator's log-probs (with grad) and, if the loss needs it, the entropy.
+
+        Rows of one prompt share the prompt's forward (``algorithm.share_prefixes``) except
+        under a hidden-state perturbation: the spec draws noise per token of EACH row, and a
+        shared prompt would give every row of a group the same noise on it (and the same
+        perturbed distribution for its first token), correlating their ratios.
+        """
+        from alp_agents.logprobs import token_logprobs
+
+        per_row_noise = self.perturbation is not None and self.perturbation.target == "hidden"
+        with self._autocast():
+            out = token_logprobs(
+                self.model,
+                sub["input_ids"],
+                sub["attention_mask"],
+                self.cfg.rollout.temperature,
+                return_entropy=self.loss_cfg.needs_entropy,
+                score_from=score_from,
+                share_prefixes=self.cfg.algorithm.share_prefixes and not per_row_noise,
+            )
+        return out if self.loss_cfg.needs_entropy else (out, None)
+
+    def _backward(self, terms: Any) -> None:
+        """Backward of ``terms.total``, keeping the regulariser's gradient away from sigma.
+
+        sigma learns only from the policy loss (ALP_SPEC section 1). The KL/entropy terms are
+        computed on the perturbed log-probs, so their gradient also reaches sigma; it is taken
+        apart first (a backward to sigma alone) and subtracted after the full backward.
+        """
+        sigma = None
+        if self.perturbation is not None and (
+            self.loss_cfg.kl_coef > 0 or self.loss_cfg.entropy_coef > 0
+        ):
+            sigma = next(iter(self.perturbation.parameters()), None)
+        regularizer_grad = None
+        if sigma is not None and terms.regularizer.requires_grad:
+            (regularizer_grad,) = torch.autograd.grad(
+                terms.regularizer, [sigma], retain_graph=True, allow_unused=True
+            )
+        self.accelerator.backward(terms.total)
+        if regularizer_grad is not None and sigma.grad is not None:
+            sigma.grad.sub_(regularizer_grad)
 
     def _skip_update(self, k: int, loss: float, grad_norm: float, loss_finite: bool) -> None:
         """Drop a non-finite update (weights untouched); stop after too many in a row."""
@@ -1147,26 +1227,49 @@ class ALPTrainer:
                 f"optim.lr, check the data and rewards, or raise max_nonfinite_in_row."
             )
 
+    def _batch_metrics(
+        self, batch: dict[str, torch.Tensor], old_lp: torch.Tensor
+    ) -> dict[str, float]:
+        """Before any update: the engine mismatch and the correction weights of the whole batch.
+
+        ``mismatch/*`` compares the trainer's unperturbed log-probs at the start of the step
+        (pi_old) with the engine's (mu): the train/inference gap alone, clean of the noise and of
+        the staleness that the update's own ratio (``mismatch_update/*``) also contains.
+        ``correction/*`` are batch values of the weighting/rejection (ESS, weights, dropped).
+        """
+        from alp_agents import metrics as M
+        from alp_agents.objectives import correction_batch_stats
+
+        m = batch["loss_mask"].float()
+        out = M.to_floats(M.mismatch_stats(old_lp, batch["infer_logprobs"], m))
+        out.update(correction_batch_stats(old_lp, batch["infer_logprobs"], m, self.loss_cfg))
+        return out
+
     def _step_ratio_metrics(
         self,
         batch: dict[str, torch.Tensor],
         numerators: torch.Tensor,
-        old_lp: torch.Tensor | None,
+        old_lp: torch.Tensor,
     ) -> dict[str, float]:
-        """Ratio quantiles, clip fractions, trainer/inference mismatch over the WHOLE step.
+        """Ratio quantiles, clip fractions and envelopes over the WHOLE step.
 
         Quantiles of per-micro-batch quantiles would be meaningless, so the loss forward's
         log-probs are collected and the same functions policy_loss uses run once on all of them.
+        Ratio quantiles and clip fractions are over the tokens that stayed in the loss (after
+        MIS-style rejection); ``seq_log_ratio/*`` is the sequence log-ratio of the method's own
+        ratio, ``seq_log_ratio_engine/*`` that of the numerator over the engine's mu, the same
+        quantity for every preset (for ALP and Bypass the two coincide).
         """
         from alp_agents import metrics as M
         from alp_agents.objectives import log_ratio
 
         c = self.loss_cfg
         m = batch["loss_mask"].float()
+        kept = batch["final_mask"].float()
         zeros = torch.zeros_like(m)
         lp = torch.where(m > 0, numerators.float(), zeros)
         infer = torch.where(m > 0, batch["infer_logprobs"].float(), zeros)
-        old = None if old_lp is None else torch.where(m > 0, old_lp.float(), zeros)
+        old = torch.where(m > 0, old_lp.float(), zeros)
         den = infer if c.denominator == "infer" else old
         ratio = (
             log_ratio(lp, den, m, c, batch["turn_index"])
@@ -1175,15 +1278,15 @@ class ALPTrainer:
         )
         adv = batch["advantages"][:, None].expand_as(m)
         stats: dict[str, Any] = {}
-        stats.update(M.ratio_stats(ratio, m))
+        stats.update(M.ratio_stats(ratio, kept))
         stats.update(M.seq_log_ratio_stats(lp - den, m))
-        stats.update(M.clip_fractions(ratio, adv, m, c.eps_low, c.eps_high, c.dual_clip))
-        stats.update(M.mismatch_stats(lp, infer, m))
-        if old is not None:
-            stats.update(M.mismatch_stats(old, infer, m, prefix="mismatch_old"))
+        stats.update(M.seq_log_ratio_stats(lp - infer, m, prefix="seq_log_ratio_engine"))
+        stats.update(M.clip_fractions(ratio, adv, kept, c.eps_low, c.eps_high, c.dual_clip))
+        stats.update(M.mismatch_stats(lp, infer, m, prefix="mismatch_update"))
         denom = m.sum().clamp_min(1)
         stats["entropy/sampled_nll"] = -(lp * m).sum() / denom
-        stats["tokens/loss"] = m.sum()
+        stats["tokens/loss"] = kept.sum()
+        stats["tokens/before_rejection"] = m.sum()
         return M.to_floats(stats)
 
     @contextlib.contextmanager
@@ -1195,7 +1298,15 @@ class ALPTrainer:
                 yield
 
     def _clip_grads(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        """Clip the policy's gradient (sigma's is left alone); its norm before clipping.
+
+        sigma is kept out so that ALP and the presets without it clip the same gradient: its
+        log-sigma gradient sums over every token and channel and can dwarf the model's (its
+        own norm is logged as ``sigma/grad_norm``; Adam normalises its step anyway).
+        """
+        params = [
+            p for g in self.optimizer.param_groups if g.get("name") != "sigma" for p in g["params"]
+        ]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         if not self._is_fsdp():
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -1255,6 +1366,7 @@ class ALPTrainer:
             progress=self.cfg.logging.progress and self.is_main,
             max_turns=self.cfg.env.max_turns,
         )
+        self._last_eval_records = result.records
         return {k: float(v) for k, v in result.summary.items() if isinstance(v, (int, float))}
 
     def _record_eval(self, label: str) -> dict[str, float]:
@@ -1263,7 +1375,22 @@ class ALPTrainer:
             self.eval_history.append({"step": self.step, "label": label, **summary})
             if self.logger is not None:
                 self.logger.log(self.step, {f"eval/{k}": v for k, v in summary.items()})
+                self._save_heldout_samples(label)
         return summary
+
+    def _save_heldout_samples(self, label: str) -> None:
+        """Every held-out sample's reward (``heldout.jsonl``): what a study's intervals need."""
+        with open(self.run_dir / HELDOUT_SAMPLES_FILE, "a") as f:
+            for r in self._last_eval_records:
+                row = {
+                    "step": self.step,
+                    "label": label,
+                    "problem_id": r["problem_id"],
+                    "sample_index": r["sample_index"],
+                    "reward": r["reward"],
+                    "grade": r["grade"],
+                }
+                f.write(json.dumps(row) + "\n")
 
     # ---------------------------------------------------------------- checkpointing
     def save_checkpoint(self, gather: bool = True) -> Path | None:
@@ -1447,19 +1574,21 @@ def _state_dict_from_dir(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def noise_seed(seed: int, step: int, rank: int, mini_batch: int, micro_batch: int) -> int:
+    """The perturbation seed of one micro-batch forward: distinct for every process (under
+    DDP/FSDP each rank must draw its own noise), step, mini-batch and micro-batch of a run.
+
+    >>> noise_seed(0, 3, 0, 1, 2) != noise_seed(0, 3, 1, 1, 2)
+    True
+    """
+    import hashlib
+
+    key = f"alp-noise:{seed}:{step}:{rank}:{mini_batch}:{micro_batch}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % 2**62
+
+
 def _step_seed(seed: int, step: int, salt: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
-
-
-def _uses_perturbation(loss_cfg: Any) -> bool:
-    return bool(getattr(loss_cfg, "perturbation", False))
-
-
-def _needs_old_logprobs(loss_cfg: Any) -> bool:
-    fn = getattr(loss_cfg, "needs_old_logprobs", None)
-    if callable(fn):
-        return bool(fn())
-    return bool(fn)
 
 
 def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1481,8 +1610,9 @@ def _zero_group_ratio(adv: torch.Tensor, group_ids: Sequence[Any]) -> float:
     return sum(all(abs(a) < 1e-12 for a in v) for v in groups.values()) / len(groups)
 
 
-# Micro-batch metrics that are per-token means (loss/* are partial sums under a normaliser).
-_MICRO_METRIC_PREFIXES = ("correction/", "entropy")
+# Micro-batch metrics that are per-token means (loss/* are partial sums under a normaliser;
+# correction/* are computed once on the whole batch, see ALPTrainer._batch_metrics).
+_MICRO_METRIC_PREFIXES = ("entropy",)
 
 
 def _weighted_mean(
@@ -1587,7 +1717,7 @@ def format_summary(result: TrainResult) -> str:
 # Command line (train/multi_turn.py and train/single_turn.py are thin wrappers over this)
 # --------------------------------------------------------------------------------------------
 def cli_main(
-    argv: Sequence[str] | None, default_config: str | os.PathLike, description: str
+    argv: Sequence[str] | None, default_config: str | os.PathLike | None, description: str
 ) -> int:
     """Parse ``--config/--preset/--resume`` plus dotted overrides, train, print the summary.
 
@@ -1623,7 +1753,12 @@ def cli_main(
         args = ["--config", str(checkpoint / "config.yaml"), *args]
     prog = Path(sys.argv[0]).name if argv is None else None
     cfg, _ = parse_cli(
-        TrainConfig, args, description=description, prog=prog, default_config=default_config
+        TrainConfig,
+        args,
+        description=description,
+        prog=prog,
+        default_config=default_config,
+        extra_sections=("study",),  # a study's grid (train/study.py) may share the file
     )
     try:
         validate_config(cfg)
