@@ -1,0 +1,124 @@
+"""The study's figures: envelopes over steps, held-out scores with intervals, knob curves."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_study"]
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _mean_by_step(envelopes: list[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float]]:
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for env in envelopes:
+        for row in env:
+            if _finite(row.get(key)):
+                per_step[int(row["step"])].append(float(row[key]))
+    steps = sorted(per_step)
+    return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
+
+
+def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
+    """Write the PNGs; returns their names relative to ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in report["cells"] if c["status"] == "done"]
+    if not cells:
+        return []
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        groups[c.get("group") or c["id"].rsplit("-s", 1)[0]].append(c)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    # 1. P2-P98 envelope of the sequence log-ratio, every configuration overlaid
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (group, members) in enumerate(sorted(groups.items())):
+        color = colors[i % len(colors)]
+        for c in members:  # light: each seed
+            steps = [r["step"] for r in c["envelope"]]
+            ax.fill_between(
+                steps, [r["p02"] for r in c["envelope"]], [r["p98"] for r in c["envelope"]],
+                color=color, alpha=0.08, linewidth=0,
+            )  # fmt: skip
+        envs = [c["envelope"] for c in members]
+        steps, low = _mean_by_step(envs, "p02")
+        _, high = _mean_by_step(envs, "p98")
+        ax.plot(steps, low, color=color, label=group)
+        ax.plot(steps, high, color=color)
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("sequence log-ratio (P2 and P98)")
+    ax.set_title("Ratio envelope per configuration (line: mean over seeds; band: each seed)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "envelope.png", dpi=110)
+    plt.close(fig)
+    written.append("envelope.png")
+
+    # 2. held-out score with intervals
+    summary = report["summary"]
+    ranked = sorted(
+        ((g, r) for g, r in summary.items() if r["heldout"]["mean"] is not None),
+        key=lambda kv: kv[1]["heldout"]["mean"],
+    )
+    if ranked:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(ranked) + 1.5))
+        for y, (_, row) in enumerate(ranked):
+            h = row["heldout"]
+            ax.plot([h["mean"]], [y], "o", color="black")
+            if h["low"] is not None:
+                ax.plot([h["low"], h["high"]], [y, y], color="black")
+        ax.set_yticks(range(len(ranked)), [g for g, _ in ranked], fontsize=8)
+        ax.set_xlabel("held-out score (mean, 95% interval)")
+        ax.set_title("Held-out score per configuration")
+        fig.tight_layout()
+        fig.savefig(out_dir / "heldout.png", dpi=110)
+        plt.close(fig)
+        written.append("heldout.png")
+
+    # 3. one figure per swept key: envelope width against the knob, one line per preset/variant
+    keys = sorted({k for row in summary.values() for k in (row["sweep"] or {})})
+    for key in keys:
+        lines: dict[str, list[tuple[Any, float]]] = defaultdict(list)
+        for row in summary.values():
+            width = row["envelope"]["mean"]
+            if width is None or key not in row["sweep"]:
+                continue
+            others = {k: v for k, v in row["sweep"].items() if k != key}
+            name = "-".join(
+                [row["preset"], *([row["variant"]] if row["variant"] else [])]
+                + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(others.items())]
+            )
+            lines[name].append((row["sweep"][key], width))
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        values = sorted({v for pts in lines.values() for v, _ in pts}, key=str)
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        for name, pts in sorted(lines.items()):
+            pts.sort(key=lambda p: p[0] if numeric else values.index(p[0]))
+            xs = [p[0] if numeric else values.index(p[0]) for p in pts]
+            ax.plot(xs, [p[1] for p in pts], "o-", label=name)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(key)
+        ax.set_ylabel("envelope width (P98 - P2, 2nd half)")
+        ax.set_title(f"Ratio tail against {key}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"knob_{key.rsplit('.', 1)[-1]}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written

@@ -1,0 +1,259 @@
+"""Aggregate a study directory into ``study.json``, ``study.md`` and figures.
+
+Reads what every cell's run wrote (``metrics.jsonl``, ``heldout.jsonl``, the runner's
+``cell.json``) and nothing else, so a report can be rebuilt at any time, also from a study that
+is still running (unfinished cells are listed as such and left out of the statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alp_agents.study.aggregate import (
+    NAN_INTERVAL,
+    Interval,
+    envelope_width,
+    hierarchical_bootstrap,
+    mean_over_second_half,
+    seed_interval,
+)
+
+__all__ = ["cell_summary", "build_report", "write_report"]
+
+CELLS_DIR = "cells"
+CELL_FILE = "cell.json"
+HELDOUT_FILE = "heldout.jsonl"
+HELDOUT_LABEL = "after"
+
+# (column, metrics.jsonl key, how to reduce the per-step series)
+SERIES_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("train_reward", "reward/mean", "second_half"),
+    ("ratio_q99", "ratio/q99", "second_half"),
+    ("ratio_max", "ratio/max", "second_half"),
+    ("mismatch_k3", "mismatch/k3", "all"),
+    ("clip_total", "clip/total", "second_half"),
+    ("ess", "correction/ess", "second_half"),
+    ("sigma", "sigma/mean", "last"),
+    ("noise_logprob_change", "perturbation/logprob_change", "all"),
+    ("grad_norm", "update/grad_norm", "second_half"),
+)
+
+
+def _reduce(values: list[float], how: str) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan
+    if how == "last":
+        return finite[-1]
+    if how == "all":
+        return sum(finite) / len(finite)
+    return mean_over_second_half(finite)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the runner reruns the cell anyway
+    return rows
+
+
+def heldout_scores(run_dir: Path) -> dict[str, float]:
+    """Per held-out problem: its mean reward over samples in the final evaluation."""
+    rows = [r for r in _jsonl(run_dir / HELDOUT_FILE) if r.get("label") == HELDOUT_LABEL]
+    latest: dict[tuple[str, int], float] = {}
+    for r in rows:  # a resumed run may have evaluated twice: the last one counts
+        latest[(str(r["problem_id"]), int(r["sample_index"]))] = float(r["reward"])
+    per_problem: dict[str, list[float]] = defaultdict(list)
+    for (pid, _), reward in latest.items():
+        per_problem[pid].append(reward)
+    return {pid: sum(v) / len(v) for pid, v in per_problem.items()}
+
+
+def cell_summary(cell_dir: Path) -> dict[str, Any]:
+    """One cell's row of ``study.json`` (status, grid coordinates, headline numbers, envelope)."""
+    meta = json.loads((cell_dir / CELL_FILE).read_text()) if (cell_dir / CELL_FILE).exists() else {}
+    out: dict[str, Any] = {
+        "id": cell_dir.name,
+        "status": meta.get("status", "unfinished"),
+        **{k: meta.get(k) for k in ("preset", "seed", "variant", "sweep", "group", "seconds")},
+    }
+    rows = [r for r in _jsonl(cell_dir / "metrics.jsonl") if "reward/mean" in r]
+    rows.sort(key=lambda r: r["step"])
+    out["steps"] = len(rows)
+    out["envelope"] = [
+        {"step": r["step"], "p02": r.get("seq_log_ratio/q02"), "p98": r.get("seq_log_ratio/q98")}
+        for r in rows
+        if r.get("seq_log_ratio/q02") is not None
+    ]
+    out["envelope_engine"] = [
+        {
+            "step": r["step"],
+            "p02": r.get("seq_log_ratio_engine/q02"),
+            "p98": r.get("seq_log_ratio_engine/q98"),
+        }
+        for r in rows
+        if r.get("seq_log_ratio_engine/q02") is not None
+    ]
+    out["envelope_width"] = envelope_width(out["envelope"]) if out["envelope"] else math.nan
+    out["envelope_engine_width"] = (
+        envelope_width(out["envelope_engine"]) if out["envelope_engine"] else math.nan
+    )
+    for column, key, how in SERIES_COLUMNS:
+        out[column] = _reduce([r.get(key, math.nan) for r in rows], how)
+    scores = heldout_scores(cell_dir)
+    out["heldout_per_problem"] = scores
+    out["heldout"] = sum(scores.values()) / len(scores) if scores else math.nan
+    return out
+
+
+def _group_key(cell: dict[str, Any]) -> str:
+    return cell.get("group") or cell["id"].rsplit("-s", 1)[0]
+
+
+def summarise_groups(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per configuration (cells that differ only in seed): means and intervals over seeds."""
+    by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        if cell["status"] in ("done", "diverged"):
+            by_group[_group_key(cell)].append(cell)
+    out = {}
+    for group, members in by_group.items():
+        done = [c for c in members if c["status"] == "done"]
+        first = members[0]
+        problems = sorted({p for c in done for p in c["heldout_per_problem"]})
+        heldout = (
+            hierarchical_bootstrap(
+                [[c["heldout_per_problem"][p] for p in problems if p in c["heldout_per_problem"]]
+                 for c in done]
+            )
+            if problems
+            else NAN_INTERVAL
+        )  # fmt: skip
+        row: dict[str, Any] = {
+            "preset": first.get("preset"),
+            "variant": first.get("variant"),
+            "sweep": first.get("sweep") or {},
+            "seeds": sorted(c["seed"] for c in members),
+            "diverged": sum(c["status"] == "diverged" for c in members),
+            "heldout": heldout.as_dict(),
+            "envelope": seed_interval([c["envelope_width"] for c in done]).as_dict(),
+            "envelope_engine": seed_interval([c["envelope_engine_width"] for c in done]).as_dict(),
+        }
+        for column, _, _ in SERIES_COLUMNS:
+            row[column] = seed_interval([c[column] for c in done]).as_dict()
+        out[group] = row
+    return out
+
+
+def build_report(study_dir: Path) -> dict[str, Any]:
+    """The content of ``study.json`` for ``study_dir``."""
+    study_dir = Path(study_dir)
+    spec_path = study_dir / "study_spec.json"
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    cell_dirs = sorted(p for p in (study_dir / CELLS_DIR).glob("*") if p.is_dir())
+    cells = [cell_summary(d) for d in cell_dirs]
+    return {"spec": spec, "cells": cells, "summary": summarise_groups(cells)}
+
+
+def _fmt(d: dict[str, Any] | None, digits: int = 3) -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    text = f"{d['mean']:.{digits}f}"
+    if d.get("low") is not None:
+        text += f" [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+    return text
+
+
+def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
+    """``study.md``: the summary table (ranked by held-out score), cells, and what is missing."""
+    summary = report["summary"]
+    lines = ["# Study report", ""]
+    if command:
+        lines += ["Command:", "```", command, "```", ""]
+    spec = report.get("spec", {})
+    if spec.get("base_config"):
+        lines += [f"Base configuration: `{', '.join(spec['base_config'])}`", ""]
+    statuses = defaultdict(int)
+    for c in report["cells"]:
+        statuses[c["status"]] += 1
+    lines += [
+        "Cells: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".",
+        "",
+        "Held-out: mean reward per problem (avg@k) in the final evaluation, averaged over problems"
+        " and seeds, with a 95% two-level bootstrap interval (seeds, then problems). Envelope:"
+        " P98 - P2 of the sequence log-ratio of the method's own ratio, mean over the second half"
+        " of the steps; `engine env.` the same for the numerator over the engine's mu (comparable"
+        " across presets). Other columns: means over seeds of the second-half mean (k3: all"
+        " steps; sigma: last step), interval over seeds where there are >= 2.",
+        "",
+    ]
+    header = (
+        "| rank | configuration | seeds | held-out | envelope | engine env. | train reward "
+        "| ratio q99 | ratio max | k3 (engine) | clip | ESS | sigma | noise dlogp | diverged |"
+    )
+    lines += [header, "|" + "---|" * 15]
+    ranked = sorted(
+        summary.items(),
+        key=lambda kv: -(kv[1]["heldout"]["mean"] if kv[1]["heldout"]["mean"] is not None else -1),
+    )
+    for rank, (group, row) in enumerate(ranked, 1):
+        lines.append(
+            f"| {rank} | `{group}` | {len(row['seeds'])} | {_fmt(row['heldout'])} "
+            f"| {_fmt(row['envelope'], 2)} | {_fmt(row['envelope_engine'], 2)} "
+            f"| {_fmt(row['train_reward'])} | {_fmt(row['ratio_q99'])} | {_fmt(row['ratio_max'], 2)} "
+            f"| {_fmt(row['mismatch_k3'], 4)} | {_fmt(row['clip_total'])} | {_fmt(row['ess'])} "
+            f"| {_fmt(row['sigma'], 4)} | {_fmt(row['noise_logprob_change'], 4)} | {row['diverged']} |"
+        )
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "| cell | status | steps | held-out | envelope | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in report["cells"]:
+        minutes = f"{c['seconds'] / 60:.1f}" if c.get("seconds") else "-"
+        held = f"{c['heldout']:.3f}" if not math.isnan(c["heldout"]) else "-"
+        env = f"{c['envelope_width']:.2f}" if not math.isnan(c["envelope_width"]) else "-"
+        lines.append(f"| `{c['id']}` | {c['status']} | {c['steps']} | {held} | {env} | {minutes} |")
+    figures = report.get("figures") or []
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(study_dir: Path, command: str | None = None, figures: bool = True) -> Path:
+    """Write ``study.json``, ``study.md`` and the PNGs into ``study_dir``; returns study.md."""
+    from alp_agents.study.figures import plot_study
+
+    study_dir = Path(study_dir)
+    report = build_report(study_dir)
+    report["figures"] = plot_study(report, study_dir) if figures else []
+    (study_dir / "study.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    md = study_dir / "study.md"
+    md.write_text(render_markdown(report, command))
+    return md
+
+
+# re-exported for tests and users who want the raw intervals
+__all__ += ["Interval", "heldout_scores", "summarise_groups", "render_markdown"]

@@ -1,0 +1,99 @@
+"""The study's statistics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from alp_agents.study.aggregate import (
+    envelope_width,
+    hierarchical_bootstrap,
+    mean_over_second_half,
+    seed_interval,
+)
+from alp_agents.study.report import render_markdown, summarise_groups
+
+
+def test_bootstrap_of_one_seed_is_the_bootstrap_over_problems():
+    """Scores [0, 1]: a resample's mean is 0 (p 1/4), 0.5 (p 1/2) or 1 (p 1/4), so the 95%
+    percentile interval is [0, 1] and the point estimate 0.5."""
+    mean, low, high = hierarchical_bootstrap([[0.0, 1.0]], resamples=4000)
+    assert (mean, low, high) == (0.5, 0.0, 1.0)
+
+
+def test_bootstrap_without_spread_has_no_width_and_resamples_seeds():
+    assert hierarchical_bootstrap([[0.25, 0.25], [0.25, 0.25]]) == (0.25, 0.25, 0.25)
+    # two seeds whose problems agree within a seed: only the seed draw varies. Means over two
+    # drawn seeds: 0 (p 1/4), 0.5 (p 1/2), 1 (p 1/4) -> interval [0, 1] around the mean 0.5
+    mean, low, high = hierarchical_bootstrap([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], resamples=4000)
+    assert (mean, low, high) == (0.5, 0.0, 1.0)
+    # the grand mean weighs seeds equally, not problems: (0 + 1/3) / 2
+    assert hierarchical_bootstrap([[0.0], [0.0, 0.0, 1.0]]).mean == pytest.approx(1 / 6)
+    assert all(math.isnan(x) for x in hierarchical_bootstrap([]))
+
+
+def test_bootstrap_interval_narrows_with_more_problems():
+    few = hierarchical_bootstrap([[0.0, 1.0] * 4])
+    many = hierarchical_bootstrap([[0.0, 1.0] * 64])
+    assert few.mean == many.mean == 0.5
+    assert (many.high - many.low) < (few.high - few.low) / 3  # ~ 1 / sqrt(16)
+
+
+def test_seed_interval_and_second_half_means():
+    assert seed_interval([1.0, 3.0]).mean == 2.0
+    assert seed_interval([1.0, 3.0], resamples=4000)[1:] == (1.0, 3.0)
+    assert seed_interval([float("nan"), 2.0]).mean == 2.0
+    assert math.isnan(seed_interval([]).mean)
+    assert mean_over_second_half([4.0, 0.0, 1.0, 2.0, 3.0]) == 2.0  # last 3 of 5
+    assert mean_over_second_half([5.0]) == 5.0
+    assert math.isnan(mean_over_second_half([float("nan")]))
+
+
+def test_envelope_width_is_p98_minus_p2_over_the_second_half():
+    env = [
+        {"step": 1, "p02": -40.0, "p98": 0.0},
+        {"step": 2, "p02": -20.0, "p98": 0.5},
+        {"step": 3, "p02": -3.0, "p98": 1.0},
+        {"step": 4, "p02": -1.0, "p98": 1.0},
+    ]
+    assert envelope_width(env) == pytest.approx((4.0 + 2.0) / 2)
+
+
+def _cell(group, seed, heldout, width, status="done"):
+    return {
+        "id": f"{group}-s{seed}",
+        "status": status,
+        "preset": group.split("-")[0],
+        "seed": seed,
+        "variant": None,
+        "sweep": {},
+        "group": group,
+        "heldout_per_problem": heldout,
+        "steps": 6,
+        "heldout": sum(heldout.values()) / len(heldout) if heldout else float("nan"),
+        "envelope_width": width,
+        "envelope_engine_width": width,
+        **{k: 0.5 for k in ("train_reward", "ratio_q99", "ratio_max", "mismatch_k3", "clip_total")},
+        **{k: float("nan") for k in ("ess", "sigma", "noise_logprob_change", "grad_norm")},
+    }
+
+
+def test_groups_pool_seeds_and_count_diverged_runs():
+    cells = [
+        _cell("alp", 0, {"a": 1.0, "b": 0.0}, 2.0),
+        _cell("alp", 1, {"a": 1.0, "b": 1.0}, 4.0),
+        _cell("bypass", 0, {"a": 0.0, "b": 0.0}, 30.0),
+        _cell("bypass", 1, {}, float("nan"), status="diverged"),
+        _cell("grpo", 0, {}, float("nan"), status="unfinished"),
+    ]
+    summary = summarise_groups(cells)
+    assert set(summary) == {"alp", "bypass"}  # unfinished cells are not results
+    assert summary["alp"]["heldout"]["mean"] == pytest.approx(0.75)
+    assert summary["alp"]["envelope"]["mean"] == pytest.approx(3.0)
+    assert summary["bypass"]["diverged"] == 1 and summary["bypass"]["seeds"] == [0, 1]
+    assert summary["bypass"]["heldout"]["mean"] == 0.0
+    md = render_markdown({"cells": cells, "summary": summary, "spec": {}}, "python train/study.py")
+    lines = [line for line in md.splitlines() if line.startswith("| 1 |")]
+    assert "`alp`" in lines[0] and "0.750" in lines[0]  # ranked first by held-out score
+    assert "1 unfinished" in md and "1 diverged" in md
