@@ -324,7 +324,7 @@ def test_mismatch_metrics():
     assert m["mismatch/k3"] == pytest.approx((2 - LN(2) - 1) / 2)
     assert m["mismatch/chi2_token"] == pytest.approx((4 + 1) / 2 - 1)
     assert m["mismatch/chi2_seq"] == pytest.approx(4 - 1)
-    assert m["mismatch/ppl_infer"] == pytest.approx(math.exp(1.5))
+    assert m["mismatch/rollout_ppl"] == pytest.approx(math.exp(1.5))
     assert m["mismatch/ppl_ratio"] == pytest.approx(math.exp(-LN(2) / 2))
 
 
