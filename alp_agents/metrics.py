@@ -5,17 +5,22 @@ Every function takes ``(B, T)`` tensors plus a 0/1 ``mask`` and returns a flat `
 Python floats with ONE device sync (`to_floats`). A statistic over an empty set is NaN (plots
 skip it); the loss itself never is.
 
-Conventions (both match verl's rollout-correction metrics):
-- ``q = log pi - log mu`` per token, pi the trainer, mu the inference engine.
-- ``k1 = mean(log mu - log pi)``, ``k3 = mean(exp(q) - q - 1)`` over masked tokens.
-- Perplexities are token-level over the whole batch: ``exp(-mean_t log p)``.
-- ``chi2_token = mean(rho^2) - 1`` with ``rho = pi/mu`` per token; ``chi2_seq`` does the same
-  with the sequence ratio ``exp(sum_t q_t)`` (log clamped to +-20 so it stays finite).
+Conventions (they match verl's rollout-correction metrics, ``rollout_corr_helper.py``):
+- ``q = log pi - log mu`` per token, pi the trainer, mu the inference engine; ``rho = exp(q)``.
+- ``k1 = mean_t(log mu - log pi)``, ``k3 = mean_t(exp(q) - q - 1)`` over masked tokens.
+- Perplexities are per sequence, then averaged over the sequences that have loss tokens:
+  ``training_ppl = mean_i exp(-mean_{t in i} log pi)``, ``rollout_ppl`` the same with mu,
+  ``ppl_ratio = mean_i exp(mean_{t in i} log mu - mean_{t in i} log pi)`` (the per-sequence
+  training/rollout perplexity ratio), ``log_ppl_abs_diff = mean_i |mean_t log mu - mean_t log pi|``.
+- ``chi2_token = mean_t(rho^2) - 1``; ``chi2_seq = mean_i(exp(2 sum_{t in i} q_t)) - 1`` (log
+  clamped to +-20 so it stays finite).
+- Catastrophic tokens: ``rho < 1/c`` or ``rho > c`` (``c = 1e4`` by default).
 - ESS (effective sample size fraction) ``= 1 / mean((w / mean w)^2)`` in (0, 1].
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -31,6 +36,7 @@ __all__ = [
     "mismatch_stats",
     "ess",
     "weight_stats",
+    "truncation_fractions",
     "entropy_stats",
     "sigma_stats",
     "to_floats",
@@ -150,28 +156,46 @@ def mismatch_stats(
     infer_logprobs: torch.Tensor,
     mask: torch.Tensor,
     prefix: str = "mismatch",
+    catastrophic: float = 1e4,
 ) -> dict:
-    """Trainer-vs-inference divergence: k1, k3, perplexities and their ratio, chi^2 token/seq."""
+    """Trainer-vs-inference divergence of the sampled tokens (formulas in the module docstring).
+
+    Keys (under ``prefix/``): ``k1``, ``k3``, ``training_ppl``, ``rollout_ppl``, ``ppl_ratio``,
+    ``log_ppl_diff``, ``log_ppl_abs_diff``, ``chi2_token``, ``chi2_seq``,
+    ``catastrophic_token_frac`` (loss tokens with ``rho < 1/catastrophic`` or
+    ``rho > catastrophic``) and ``catastrophic_seq_frac`` (sequences with at least one).
+
+    >>> s = to_floats(mismatch_stats(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -2.0]]),
+    ...                              torch.ones(1, 2)))
+    >>> s["mismatch/ppl_ratio"], s["mismatch/chi2_seq"], s["mismatch/catastrophic_token_frac"]
+    (1.0, 0.0, 0.0)
+    """
+    if not catastrophic > 1.0:
+        raise ValueError(f"catastrophic={catastrophic!r}: must be > 1 (tokens with rho > it count)")
     m = mask.float()
     lp = torch.where(m > 0, trainer_logprobs.detach().float(), torch.zeros_like(m))
     mu = torch.where(m > 0, infer_logprobs.detach().float(), torch.zeros_like(m))
     q = (lp - mu).clamp(-_LOG_CLAMP, _LOG_CLAMP)
-    k1 = masked_mean(-q, m)
-    k3 = masked_mean(torch.expm1(q) - q, m)
-    ppl_trainer = torch.exp(-masked_mean(lp, m))
-    ppl_infer = torch.exp(-masked_mean(mu, m))
-    chi2_tok = masked_mean(torch.exp(2 * q), m) - 1
+    n_tok = m.sum(-1)
+    has = (n_tok > 0).float()
+    seq_lp = lp.sum(-1) / n_tok.clamp(min=1.0)  # mean log pi per sequence
+    seq_mu = mu.sum(-1) / n_tok.clamp(min=1.0)
+    log_ppl_diff = seq_mu - seq_lp  # = log(training_ppl_i / rollout_ppl_i)
     seq_q = (q * m).sum(-1).clamp(-_LOG_CLAMP, _LOG_CLAMP)
-    has = (m.sum(-1) > 0).float()
-    chi2_seq = masked_mean(torch.exp(2 * seq_q), has) - 1
+    log_c = math.log(catastrophic)
+    cata = ((q.abs() > log_c) & (m > 0)).float()
     return {
-        f"{prefix}/k1": k1,
-        f"{prefix}/k3": k3,
-        f"{prefix}/ppl_trainer": ppl_trainer,
-        f"{prefix}/ppl_infer": ppl_infer,
-        f"{prefix}/ppl_ratio": ppl_trainer / ppl_infer,
-        f"{prefix}/chi2_token": chi2_tok,
-        f"{prefix}/chi2_seq": chi2_seq,
+        f"{prefix}/k1": masked_mean(-q, m),
+        f"{prefix}/k3": masked_mean(torch.expm1(q) - q, m),
+        f"{prefix}/training_ppl": masked_mean(torch.exp(-seq_lp), has),
+        f"{prefix}/rollout_ppl": masked_mean(torch.exp(-seq_mu), has),
+        f"{prefix}/ppl_ratio": masked_mean(torch.exp(log_ppl_diff), has),
+        f"{prefix}/log_ppl_diff": masked_mean(log_ppl_diff, has),
+        f"{prefix}/log_ppl_abs_diff": masked_mean(log_ppl_diff.abs(), has),
+        f"{prefix}/chi2_token": masked_mean(torch.exp(2 * q), m) - 1,
+        f"{prefix}/chi2_seq": masked_mean(torch.exp(2 * seq_q), has) - 1,
+        f"{prefix}/catastrophic_token_frac": masked_mean(cata, m),
+        f"{prefix}/catastrophic_seq_frac": masked_mean((cata.sum(-1) > 0).float(), has),
     }
 
 
@@ -193,18 +217,53 @@ def weight_stats(
     mask_before: torch.Tensor,
     mask_after: torch.Tensor,
     prefix: str = "correction",
+    kept_units: torch.Tensor | None = None,
 ) -> dict:
-    """TIS/MIS weights: mean/min/max, ESS, and the fraction of loss tokens the correction dropped."""
+    """Importance weights of a weighting/rejecting correction, and what its rejection dropped.
+
+    ``weights`` are the effective weights of the sampling units (tokens or sequences; a dropped
+    unit weighs 0) over ``weight_mask``; ``kept_units`` marks the units that survived the
+    rejection (default: ``weight_mask`` and ``weights > 0``). Keys: ``weight_mean``,
+    ``weight_min``, ``weight_max`` and ``ess`` over all units (dropped = 0), quantiles
+    ``weight_q01 ... q99`` over the kept units, ``masked_frac`` (fraction of loss tokens dropped)
+    and ``seq_dropped_frac`` (fraction of sequences with loss tokens that lost all of them).
+    """
+    w = weights.detach().float()
+    kept = (weight_mask > 0) & (w > 0) if kept_units is None else kept_units > 0
     before = mask_before.float().sum()
     dropped = before - mask_after.float().sum()
-    return {
-        f"{prefix}/weight_mean": masked_mean(weights.detach().float(), weight_mask),
-        f"{prefix}/weight_min": _masked_extreme(weights.detach().float(), weight_mask, False),
-        f"{prefix}/weight_max": _masked_extreme(weights.detach().float(), weight_mask, True),
-        f"{prefix}/ess": ess(weights, weight_mask),
+    had = (mask_before.float().sum(-1) > 0).float()
+    lost = had * (mask_after.float().sum(-1) == 0).float()
+    out = {
+        f"{prefix}/weight_mean": masked_mean(w, weight_mask),
+        f"{prefix}/weight_min": _masked_extreme(w, weight_mask, False),
+        f"{prefix}/weight_max": _masked_extreme(w, weight_mask, True),
+        f"{prefix}/ess": ess(w, weight_mask),
         f"{prefix}/masked_frac": torch.where(
             before > 0, dropped / before.clamp(min=1), torch.full_like(before, _NAN)
         ),
+        f"{prefix}/seq_dropped_frac": masked_mean(lost, had),
+    }
+    quantiles = masked_quantiles(w, kept.float())
+    out.update(
+        {f"{prefix}/weight_{_qname(q)}": v for q, v in zip(QUANTILES, quantiles, strict=True)}
+    )
+    return out
+
+
+def truncation_fractions(
+    ratio: torch.Tensor, mask: torch.Tensor, cap: float | None, prefix: str = "clip"
+) -> dict:
+    """``clip/*`` for surrogates without the PPO clip: ``upper`` is the fraction of loss tokens
+    whose weight the cap truncated (CISPO's ``r > cap``; 0 when ``cap`` is None), the others 0."""
+    m = mask.float()
+    zero = masked_mean(torch.zeros_like(m), m)
+    upper = zero if cap is None else masked_mean((ratio.detach().float() > cap).float(), m)
+    return {
+        f"{prefix}/lower": zero,
+        f"{prefix}/upper": upper,
+        f"{prefix}/dual": zero,
+        f"{prefix}/total": upper,
     }
 
 

@@ -46,14 +46,16 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alp_agents import checkpoint as ckpt
 from alp_agents.models import make_lm_head_input_contiguous
 
-PRESETS = ("alp", "bypass", "grpo", "gspo", "tis", "mis")
+if TYPE_CHECKING:
+    from alp_agents.objectives import PolicyLossConfig
+
 ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TINY_MODEL_PREFIX = "tiny-"
@@ -112,7 +114,7 @@ class RolloutConfig:
 class AlgorithmConfig:
     """Objective (a preset of alp_agents.objectives) and how each rollout batch is consumed."""
 
-    preset: str = "alp"  # alp | bypass | grpo | gspo | tis | mis
+    preset: str = "alp"  # any name of alp_agents.objectives.preset_names() (docs/alp.md)
     setting: str = "multi_turn"  # multi_turn | single_turn (preset defaults: dual clip c, KL)
     loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
     mini_batches: int = 2  # K optimiser steps per rollout batch (staleness)
@@ -120,6 +122,8 @@ class AlgorithmConfig:
     shuffle: bool = True  # shuffle the groups (prompts) before splitting into mini-batches
     share_prefixes: bool = True  # run a prompt shared by a micro-batch's rows once, not per row
     advantage_eps: float = 1e-6
+    # mismatch/catastrophic_*: a token whose rho = pi_old / mu is below 1/this or above this
+    catastrophic_ratio: float = 1e4
 
 
 @dataclass
@@ -251,7 +255,9 @@ def validate_config(cfg: TrainConfig) -> None:
             + (_closest(str(value), choices) if isinstance(value, str) else "")
         )
 
-    presets = _preset_names()
+    from alp_agents.objectives import preset_names
+
+    presets = preset_names()
     if cfg.algorithm.preset not in presets:
         raise bad("algorithm.preset", cfg.algorithm.preset, presets)
     if cfg.algorithm.setting not in ("multi_turn", "single_turn"):
@@ -326,21 +332,20 @@ def _eval_dataset(cfg: TrainConfig) -> str:
     return cfg.env.eval_dataset or cfg.env.dataset
 
 
-def _preset_names() -> tuple[str, ...]:
-    try:
-        from alp_agents.objectives import preset_names
+def _loss_config(cfg: TrainConfig) -> PolicyLossConfig:
+    """The preset's loss config with ``algorithm.loss`` overrides.
 
-        return preset_names()
-    except ImportError:
-        return PRESETS
-
-
-def _loss_config(cfg: TrainConfig) -> Any:
+    Dr. GRPO's token-sum aggregation divides by a constant; unless set, it is the most model
+    tokens an episode can have (``rollout.max_tokens * env.max_turns``), the same every step.
+    """
     from alp_agents.objectives import PolicyLossConfig
 
-    return PolicyLossConfig.preset(
+    loss = PolicyLossConfig.preset(
         cfg.algorithm.preset, setting=cfg.algorithm.setting, **dict(cfg.algorithm.loss)
     )
+    if loss.aggregation == "seq_mean_token_sum_norm" and loss.token_sum_norm is None:
+        loss.token_sum_norm = float(cfg.rollout.max_tokens * cfg.env.max_turns)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -983,7 +988,13 @@ class ALPTrainer:
         rewards = torch.tensor([float(t.reward) for t in kept])
         group_ids = [t.group_id for t in kept]
         valid = None if cfg.rollout.void_in_group_stats else ~void
-        adv = grpo_advantages(rewards, group_ids, eps=cfg.algorithm.advantage_eps, valid=valid)
+        adv = grpo_advantages(
+            rewards,
+            group_ids,
+            scale_by_std=self.loss_cfg.scale_advantages_by_std,
+            eps=cfg.algorithm.advantage_eps,
+            valid=valid,
+        )
         batch = collate(kept, pad_token_id=self.tokenizer.pad_token_id)
         # Before void rows lose their mask: where each row's model tokens start.
         score_from = first_scored_columns(batch["loss_mask"])
@@ -1113,6 +1124,7 @@ class ALPTrainer:
                             ref_logprobs=None if ref_lp is None else ref_lp[rows, :width],
                             entropy=ent,
                             normalizer=normalizer,
+                            final_mask=sub["final_mask"],
                         )
                         finite = finite and bool(torch.isfinite(terms.total))
                         self._backward(terms)
@@ -1241,7 +1253,14 @@ class ALPTrainer:
         from alp_agents.objectives import correction_batch_stats
 
         m = batch["loss_mask"].float()
-        out = M.to_floats(M.mismatch_stats(old_lp, batch["infer_logprobs"], m))
+        out = M.to_floats(
+            M.mismatch_stats(
+                old_lp,
+                batch["infer_logprobs"],
+                m,
+                catastrophic=self.cfg.algorithm.catastrophic_ratio,
+            )
+        )
         out.update(correction_batch_stats(old_lp, batch["infer_logprobs"], m, self.loss_cfg))
         return out
 

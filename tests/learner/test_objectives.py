@@ -14,6 +14,7 @@ import torch
 from alp_agents.objectives import (
     PolicyLossConfig,
     accumulation_normalizer,
+    correction_batch_stats,
     final_loss_mask,
     policy_loss,
     policy_loss_terms,
@@ -59,6 +60,24 @@ PRESET_EXPECTED = {
     "tis": -1.5425,
     # MIS keeps rho in [1/5, 5] = tokens 0, 1: [-1, -2.56] -> mean -1.78
     "mis": -1.78,
+    # token ratio over mu: pi/mu = [1, 3, 4, 0.11], clip [0.5, 4]: [-1, -3, -4, -0.11] -> mean
+    "token_alp": -2.0275,
+    # sequence rho = 1 * 2 * 8 * 0.1 = 1.6 (<= 5, kept): grpo terms times 1.6 -> -0.97 * 1.6
+    "seq_mis": -1.552,
+    # sequence rho 1.6 < C = 2: the same weight 1.6
+    "seq_tis": -1.552,
+    # token band [0.5, 5] keeps rho 1 and 2: [-1, -1.28 * 2] -> mean -1.78
+    "icepop": -1.78,
+    # geometric mean rho = 1.6 ** 0.25 = 1.125 is outside [0.999, 1.001]: all tokens rejected
+    "seq_mask_tis": 0.0,
+    # -min(r, 5) * A * log pi with log pi = -3 + ln(rho * r) = [-3, -3 + ln 3, -3 + ln 4,
+    # -3 + ln 0.11] and r = [1, 1.5, 0.5, 1.1], token mean
+    "cispo": -(-3 + 1.5 * (-3 + LN(3)) + 0.5 * (-3 + LN(4)) + 1.1 * (-3 + LN(0.11))) / 4,
+    # (log rho)^2 = [0, 0.48, 4.32, 5.30]: suffix means of the sorted values 2.53, 1.60, 0.24, 0
+    # -> only token 0 stays (<= 0.04); unclipped -A * pi/mu = -1 over one token
+    "m2po": -1.0,
+    # one sequence of T = 4 tokens: grpo token sum -3.88 / (K = 4) / 1 sequence
+    "dr_grpo": -0.97,
 }
 
 
@@ -324,12 +343,34 @@ def test_mismatch_metrics():
     assert m["mismatch/k3"] == pytest.approx((2 - LN(2) - 1) / 2)
     assert m["mismatch/chi2_token"] == pytest.approx((4 + 1) / 2 - 1)
     assert m["mismatch/chi2_seq"] == pytest.approx(4 - 1)
-    assert m["mismatch/ppl_infer"] == pytest.approx(math.exp(1.5))
+    assert m["mismatch/rollout_ppl"] == pytest.approx(math.exp(1.5))
     assert m["mismatch/ppl_ratio"] == pytest.approx(math.exp(-LN(2) / 2))
 
 
 # ---------------------------------------------------------------------------------------------
 # presets and configuration errors
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_EXPECTED))
+def test_every_preset_with_an_empty_row_and_a_zero_advantage_row(name):
+    """Rows: the shared scenario (A = 1), a row without loss tokens, the scenario again with
+    A = 0. Row 2 keeps the same tokens as row 0 (its rho are the same) and adds 0 to every
+    surrogate, row 1 adds nothing: the denominator doubles (token_mean: kept tokens; dr_grpo:
+    sequences with tokens, K = T = 4), so every loss is half of the one-row value by hand. M2PO
+    ranks the 8 tokens together: (log rho)^2 = [0, 0, .48, .48, 4.32, 4.32, 5.3, 5.3] keeps the
+    two zeros (mean of the rest > 0.04), so (-1 + 0) / 2 too. seq_mask_tis rejects all rows."""
+    lp, mu, _, mask, old = scenario()
+    lp3 = torch.cat([lp.detach(), torch.full((1, 4), -1.0), lp.detach()]).requires_grad_(True)
+    mu3, old3 = torch.cat([mu, mu, mu]), torch.cat([old, old, old])
+    mask3 = torch.cat([mask, torch.zeros(1, 4), mask])
+    adv = torch.tensor([1.0, 1.0, 0.0])
+    cfg = PolicyLossConfig.preset(name)
+    loss, m = policy_loss(lp3, mu3, adv, mask3, cfg, old_logprobs=old3)
+    assert float(loss) == pytest.approx(PRESET_EXPECTED[name] / 2, rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert torch.isfinite(lp3.grad).all()
+    assert torch.all(lp3.grad[1:] == 0)  # no tokens, and A = 0 (pushes nothing)
+    assert m["tokens_before_correction"] == 8
 
 
 def test_preset_flags_and_settings():
@@ -496,3 +537,279 @@ def test_correction_batch_stats_are_values_of_the_whole_batch():
     assert s["correction/seq_dropped_frac"] == pytest.approx(0.5)
     assert s["correction/weight_max"] == pytest.approx(2.0)  # dropped units weigh 0
     assert correction_batch_stats(old2, mu2, torch.ones(2, 4), PolicyLossConfig.preset("alp")) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the corrections the big frameworks ship: each preset on inputs that tell it apart
+
+
+def rows(log_rho, r, adv, mask=None, base=-3.0):
+    """(lp, mu, adv, mask, old) from per-token log rho = log pi_old/mu and r = pi/pi_old."""
+    log_rho = torch.tensor(log_rho, dtype=torch.float32)
+    mu = torch.full_like(log_rho, base)
+    old = mu + log_rho
+    lp = (old + torch.tensor([[LN(x) for x in row] for row in r])).requires_grad_(True)
+    m = torch.ones_like(mu) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    return lp, mu, torch.tensor(adv), m, old
+
+
+def test_new_preset_flags():
+    token_alp = PolicyLossConfig.preset("token_alp")
+    assert token_alp.perturbation and token_alp.ratio_level == "token"
+    assert token_alp.denominator == "infer" and not token_alp.needs_old_logprobs
+    assert token_alp.clip_range == (0.5, 4.0) and token_alp.dual_clip == 3.0
+    for name in ("seq_mis", "seq_tis", "icepop", "seq_mask_tis", "cispo", "m2po", "dr_grpo"):
+        cfg = PolicyLossConfig.preset(name)
+        assert cfg.needs_old_logprobs and not cfg.perturbation, name
+        assert cfg.scale_advantages_by_std == (name != "dr_grpo"), name
+    m2po = PolicyLossConfig.preset("m2po")
+    assert m2po.denominator == "infer" and m2po.surrogate == "unclipped"  # ratio vs mu
+    assert PolicyLossConfig.preset("cispo", setting="single_turn").dual_clip is None
+    assert PolicyLossConfig.preset("seq_mis", setting="single_turn").dual_clip == 10.0
+    # any preset takes any new field: ALP with Dr. GRPO's aggregation
+    alp_sum = PolicyLossConfig.preset("alp", aggregation="seq_mean_token_sum_norm")
+    assert alp_sum.perturbation and alp_sum.aggregation == "seq_mean_token_sum_norm"
+
+
+def test_seq_mis_drops_only_high_sequences_and_seq_tis_truncates():
+    # row 0: sequence rho 8 (> 5); row 1: sequence rho 0.01 (tiny, kept: no lower bound)
+    lp, mu, adv, mask, old = rows(
+        [[LN(8.0), 0.0], [LN(0.1), LN(0.1)]], [[1.0, 1.0]] * 2, [1.0, 1.0]
+    )
+    loss, m = policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("seq_mis"), old_logprobs=old)
+    assert float(loss) == pytest.approx(-0.01, rel=1e-5)  # row 1 only: weight 0.01, r = 1
+    assert m["correction/seq_dropped_frac"] == 0.5 and m["correction/masked_frac"] == 0.5
+    # seq_tis keeps both: weights min(8, 2) = 2 and 0.01 -> (-2 - 2 - 0.01 - 0.01) / 4
+    loss, m = policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("seq_tis"), old_logprobs=old)
+    assert float(loss) == pytest.approx(-4.02 / 4, rel=1e-5)
+    assert m["correction/masked_frac"] == 0.0 and m["correction/weight_max"] == pytest.approx(2)
+
+
+def test_icepop_band_is_half_to_five():
+    # rho = [0.3, 1, 6]: MIS ([0.2, 5]) keeps 0.3, IcePop ([0.5, 5]) drops it; both drop 6
+    lp, mu, adv, mask, old = rows([[LN(0.3), 0.0, LN(6.0)]], [[1.0, 1.0, 1.0]], [1.0])
+    loss, m = policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("icepop"), old_logprobs=old)
+    assert float(loss) == pytest.approx(-1.0)  # only rho = 1 stays: weight 1, r = 1
+    assert m["correction/masked_frac"] == pytest.approx(2 / 3)
+    loss, _ = policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("mis"), old_logprobs=old)
+    assert float(loss) == pytest.approx(-(0.3 + 1.0) / 2, rel=1e-5)
+
+
+def test_seq_mask_tis_keeps_near_one_sequences_and_truncates_token_weights():
+    # row 0: rho = [4, 0.25], geometric mean 1 (kept), weights min(rho, 2) = [2, 0.25];
+    # row 1: rho = [1.01, 1.01], geometric mean 1.01 > 1.001 (dropped)
+    lp, mu, adv, mask, old = rows(
+        [[LN(4.0), LN(0.25)], [LN(1.01), LN(1.01)]], [[1.0, 1.0]] * 2, [1.0, 1.0]
+    )
+    cfg = PolicyLossConfig.preset("seq_mask_tis")
+    loss, m = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(loss) == pytest.approx(-(2 + 0.25) / 2, rel=1e-5)
+    assert m["correction/seq_dropped_frac"] == 0.5
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_rejection_rules_token_and_sequence_and_lower_bound_default():
+    lp, mu, adv, mask, old = rows(
+        [[LN(3.0), 0.0], [LN(0.4), LN(0.4)]], [[1.0, 1.0]] * 2, [1.0, 1.0]
+    )
+    # token band [1/2, 2] (rejection_low None = 1 / rejection_high): keeps rho 1, 1 of rows 0
+    cfg = PolicyLossConfig.preset("grpo", rejection="token", rejection_high=2.0)
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    # sequence products 3 and 0.16 against [0.1, 2]: row 1 stays
+    cfg = PolicyLossConfig.preset("grpo", rejection="sequence", rejection_low=0.1)
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    loss, m = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(loss) == pytest.approx(-1.0) and m["correction/weight_mean"] == 0.5
+
+
+def test_cispo_every_token_keeps_a_gradient():
+    """r = [1, 8] over pi_old, A = 1: PPO clips token 1 (no gradient); CISPO weights it by
+    min(8, 5) = 5 and keeps d loss / d log pi_t = -w_t A / 2."""
+    lp, mu, adv, mask, old = rows([[0.0, 0.0]], [[1.0, 8.0]], [1.0])
+    cfg = PolicyLossConfig.preset("cispo")
+    loss, m = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(loss) == pytest.approx(-(1 * -3.0 + 5 * (-3 + LN(8))) / 2, rel=1e-5)
+    assert m["clip/upper"] == 0.5 and m["cispo/weight_mean"] == pytest.approx(3.0)
+    assert m["cispo/ess"] == pytest.approx(36 / (2 * 26))
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad[0].tolist() == pytest.approx([-0.5, -2.5])
+    # negative advantage: the same weights, the sign flips (no dual clip in CISPO)
+    loss, _ = policy_loss(lp, mu, -adv, mask, cfg, old_logprobs=old)
+    assert torch.autograd.grad(loss, lp)[0][0].tolist() == pytest.approx([0.5, 2.5])
+    ppo_grad = torch.autograd.grad(
+        policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("grpo"), old_logprobs=old)[0], lp
+    )[0]
+    assert ppo_grad[0, 1] == 0.0
+
+
+def test_m2po_drops_the_largest_second_moments_until_the_mean_is_below_tau():
+    # (log rho)^2 = [0.01, 0.16, 0.04, 0]: mean 0.0525 > 0.04 -> drop 0.16 -> mean 0.0167
+    lp, mu, adv, mask, old = rows([[0.1, 0.4, 0.2, 0.0]], [[1.0] * 4], [1.0])
+    cfg = PolicyLossConfig.preset("m2po")
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[1.0, 0.0, 1.0, 1.0]]
+    loss, m = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    # unclipped -A * pi/mu with pi/mu = rho (r = 1): exp(0.1), exp(0.2), 1
+    assert float(loss) == pytest.approx(-(math.exp(0.1) + math.exp(0.2) + 1) / 3, rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad[0].tolist() == pytest.approx([-math.exp(0.1) / 3, 0, -math.exp(0.2) / 3, -1 / 3])
+    s = correction_batch_stats(old, mu, mask, cfg)
+    assert s["correction/m2"] == pytest.approx(0.0525, rel=1e-5)
+    assert s["correction/m2_kept"] == pytest.approx(0.05 / 3, rel=1e-5)
+    assert s["correction/masked_frac"] == 0.25
+
+
+def test_m2po_boundary_is_inclusive_and_a_batch_above_tau_everywhere_is_dropped():
+    # (log rho)^2 = 0.25 exactly, tau = 0.25: the mean equals tau, every token stays (<=)
+    lp, mu, adv, mask, old = rows([[0.5, -0.5]], [[1.0, 1.0]], [1.0])
+    cfg = PolicyLossConfig.preset("m2po", m2_threshold=0.25)
+    assert final_loss_mask(old, mu, mask, cfg).tolist() == [[1.0, 1.0]]
+    # tau below the smallest (log rho)^2: no remainder qualifies, all tokens leave the loss
+    cfg = PolicyLossConfig.preset("m2po", m2_threshold=0.2)
+    loss, m = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(loss) == 0.0 and m["tokens"] == 0.0 and m["correction/masked_frac"] == 1.0
+    assert torch.all(torch.autograd.grad(loss, lp)[0] == 0)
+
+
+def test_m2po_ranks_the_whole_batch_so_micro_batches_take_the_final_mask():
+    """Row 0: (log rho)^2 = [0.09, 0.09]; row 1: [0, 0]. Over the batch, mean 0.045 > 0.04 drops
+    one 0.09 and keeps 3 tokens (mean 0.03); row 0 on its own would lose both tokens."""
+    lp, mu, adv, mask, old = rows([[0.3, 0.3], [0.0, 0.0]], [[1.0, 1.0]] * 2, [1.0, 1.0])
+    cfg = PolicyLossConfig.preset("m2po")
+    kept = final_loss_mask(old, mu, mask, cfg)
+    assert kept.sum(-1).tolist() == [1.0, 2.0]
+    assert final_loss_mask(old[:1], mu[:1], mask[:1], cfg).sum() == 0  # recomputed alone
+    full, _ = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(full) == pytest.approx(-(math.exp(0.3) + 2) / 3, rel=1e-5)
+    norm = accumulation_normalizer(kept, cfg)
+    parts = [
+        policy_loss(lp[i : i + 1], mu[i : i + 1], adv[i : i + 1], mask[i : i + 1], cfg,
+                    old_logprobs=old[i : i + 1], normalizer=norm, final_mask=kept[i : i + 1])[0]
+        for i in range(2)
+    ]  # fmt: skip
+    assert float(sum(parts)) == pytest.approx(float(full), rel=1e-6)
+
+
+def test_dr_grpo_token_sum_over_a_constant_and_uncentred_std():
+    # rows of 2 and 1 loss tokens (T = 2), r = 1.1 everywhere (inside the clip), A = 1, -1
+    lp, mu, adv, mask, old = rows(
+        [[0.0, 0.0], [0.0, 0.0]], [[1.1, 1.1], [1.1, 1.1]], [1.0, -1.0], [[1, 1], [1, 0]]
+    )
+    cfg = PolicyLossConfig.preset("dr_grpo")
+    loss, _ = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    # token sums -2.2 and +1.1, each / K = T = 2, mean over 2 sequences
+    assert float(loss) == pytest.approx((-2.2 + 1.1) / 2 / 2, rel=1e-5)
+    cfg8 = PolicyLossConfig.preset("dr_grpo", token_sum_norm=8.0)
+    loss, _ = policy_loss(lp, mu, adv, mask, cfg8, old_logprobs=old)
+    assert float(loss) == pytest.approx((-2.2 + 1.1) / 8 / 2, rel=1e-5)
+    # gradient: -A r / (K * n_seq) on every loss token, whatever the sequence's length
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad.flatten().tolist() == pytest.approx([-1.1 / 16, -1.1 / 16, 1.1 / 16, 0.0])
+    from alp_agents.advantages import grpo_advantages
+
+    adv = grpo_advantages([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0, 0, 0, 0, 1, 1],
+                          scale_by_std=cfg.scale_advantages_by_std)  # fmt: skip
+    assert adv.tolist() == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0]  # R - group mean, A = 0 group
+
+
+MICRO = {  # hand-computed full-batch losses of micro_scenario()
+    # row 0 dropped (sequence rho 8 > 5); row 1 (A = -1): weight 2 x [1.2, 0.9]; row 2: [-1, -1]
+    "seq_mis": (2.4 + 1.8 - 2) / 4,
+    # token band keeps row 0 token 0 (-1.1), row 1 (2 x 1.2, 1 x 0.9), row 2 (-1, -1)
+    "icepop": (-1.1 + 2.4 + 0.9 - 2) / 5,
+    # geometric means sqrt(8), sqrt(2), 1: only row 2 stays
+    "seq_mask_tis": -1.0,
+    # (log rho)^2 = [0, 4.32 | 0.48, 0 | 0, 0] keeps the four zeros; -A pi/mu: -1.1, 0.9, -1, -1
+    "m2po": (-1.1 + 0.9 - 2) / 4,
+    # token sums -2.1, 2.1, -2 over K = T = 2 and 3 sequences
+    "dr_grpo": (-2.1 + 2.1 - 2) / 6,
+}
+
+
+def micro_scenario():
+    return rows(
+        [[0.0, LN(8.0)], [LN(2.0), 0.0], [0.0, 0.0]],
+        [[1.1, 1.0], [1.2, 0.9], [1.0, 1.0]],
+        [1.0, -1.0, 1.0],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MICRO))
+def test_micro_batches_sum_to_the_full_batch_loss_for_every_rejection_and_aggregation(name):
+    lp, mu, adv, mask, old = micro_scenario()
+    cfg = PolicyLossConfig.preset(name)
+    full, _ = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(full) == pytest.approx(MICRO[name], rel=1e-5)
+    kept = final_loss_mask(old, mu, mask, cfg)
+    norm = accumulation_normalizer(kept, cfg)
+    parts = [
+        policy_loss(lp[i : i + 1], mu[i : i + 1], adv[i : i + 1], mask[i : i + 1], cfg,
+                    old_logprobs=old[i : i + 1], normalizer=norm, final_mask=kept[i : i + 1])[0]
+        for i in range(3)
+    ]  # fmt: skip
+    assert float(sum(parts)) == pytest.approx(float(full), rel=1e-6, abs=1e-7)
+
+
+def test_dr_grpo_micro_batches_at_their_own_padded_width_share_the_normaliser():
+    """The full batch is padded to T = 3; a micro-batch cut to its own width (2) alone would
+    divide by K = 2. With the normaliser of the whole step (K = 3 x 2 sequences) it adds up."""
+    lp, mu, adv, mask, old = rows(
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[1.1, 1.1, 1.1], [1.1, 1.1, 1.1]], [1.0, 1.0],
+        [[1, 1, 1], [1, 1, 0]],
+    )  # fmt: skip
+    cfg = PolicyLossConfig.preset("dr_grpo")
+    full, _ = policy_loss(lp, mu, adv, mask, cfg, old_logprobs=old)
+    assert float(full) == pytest.approx(-(3.3 + 2.2) / 3 / 2, rel=1e-5)
+    norm = accumulation_normalizer(final_loss_mask(old, mu, mask, cfg), cfg)
+    assert norm == 6.0
+    part0, _ = policy_loss(lp[:1], mu[:1], adv[:1], mask[:1], cfg, old_logprobs=old[:1],
+                           normalizer=norm)  # fmt: skip
+    part1, _ = policy_loss(lp[1:, :2], mu[1:, :2], adv[1:], mask[1:, :2], cfg,
+                           old_logprobs=old[1:, :2], normalizer=norm)  # fmt: skip
+    assert float(part0 + part1) == pytest.approx(float(full), rel=1e-6)
+    alone, _ = policy_loss(lp[1:, :2], mu[1:, :2], adv[1:], mask[1:, :2], cfg,
+                           old_logprobs=old[1:, :2])  # fmt: skip
+    assert float(alone) == pytest.approx(-2.2 / 2, rel=1e-5)  # K = its own width
+
+
+def test_correction_batch_stats_cover_every_weighting_or_rejecting_preset():
+    lp, mu, adv, mask, old = micro_scenario()
+    for name in ("seq_mis", "seq_tis", "icepop", "seq_mask_tis", "m2po"):
+        s = correction_batch_stats(old, mu, mask, PolicyLossConfig.preset(name))
+        for key in ("ess", "weight_q50", "masked_frac", "seq_dropped_frac", "weight_mean"):
+            assert f"correction/{key}" in s, (name, key)
+    s = correction_batch_stats(old, mu, mask, PolicyLossConfig.preset("icepop"))
+    # kept token weights: 1 | 2, 1 | 1, 1 (rho 8 dropped): median 1, max 2, 1 of 6 dropped
+    assert s["correction/weight_q50"] == 1.0 and s["correction/weight_max"] == 2.0
+    assert s["correction/masked_frac"] == pytest.approx(1 / 6)
+    assert s["correction/seq_dropped_frac"] == 0.0
+    s = correction_batch_stats(old, mu, mask, PolicyLossConfig.preset("seq_mask_tis"))
+    assert s["correction/seq_dropped_frac"] == pytest.approx(2 / 3)
+    for name in ("cispo", "dr_grpo", "token_alp"):
+        assert correction_batch_stats(old, mu, mask, PolicyLossConfig.preset(name)) == {}
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"surrogate": "clip"}, r"surrogate='clip'.*ppo, cispo, unclipped"),
+        ({"rejection": "geo"}, r"rejection='geo'.*none, token, sequence, geometric"),
+        ({"aggregation": "sum"}, r"aggregation='sum'.*seq_mean_token_sum_norm"),
+        ({"rejection_high": 0.0}, r"rejection_high=0.0: must be > 0"),
+        ({"rejection_low": 3.0, "rejection_high": 2.0}, r"rejection_low=3.0: must be None or in"),
+        ({"m2_threshold": 0.0}, r"m2_threshold=0.0: must be > 0"),
+        ({"surrogate": "cispo", "dual_clip": 3.0}, r"dual_clip=3.0: must be None when surrogate"),
+        ({"surrogate": "unclipped"}, r"dual_clip=3.0: must be None when surrogate='unclipped'"),
+        ({"token_sum_norm": -1.0}, r"token_sum_norm=-1.0: must be None or > 0"),
+        ({"scale_advantages_by_std": "no"}, r"scale_advantages_by_std='no': must be true or"),
+    ],
+)
+def test_new_fields_are_validated_with_field_value_and_choices(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyLossConfig(**kw)
+
+
+def test_final_mask_shape_is_checked():
+    lp, mu, adv, mask, old = micro_scenario()
+    with pytest.raises(ValueError, match="final_mask has shape"):
+        policy_loss(lp, mu, adv, mask, PolicyLossConfig.preset("m2po"), old_logprobs=old,
+                    final_mask=mask[:, :1])  # fmt: skip
