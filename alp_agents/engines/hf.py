@@ -136,6 +136,10 @@ class HFEngine:
         max_batch_size: prompts per forward batch (longer lists run in chunks, longest first).
         device: where the copy lives ("cpu" or "cuda").
         attn_implementation: transformers attention backend for the copy ("sdpa").
+        round_weights_to: store the weights rounded to this dtype (e.g. ``"bfloat16"``) while
+            computing in ``dtype``: the weight-precision half of a bf16 engine's mismatch at fp32
+            speed, for CPUs without native bf16 matmuls (AVX2-only: there bf16 runs ~100x slower
+            than fp32, see docs/rollout.md). None: weights exactly as given.
     """
 
     def __init__(
@@ -146,8 +150,10 @@ class HFEngine:
         max_batch_size: int = 64,
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
+        round_weights_to: torch.dtype | str | None = None,
     ) -> None:
         self.dtype = _as_dtype(dtype)
+        self.round_weights_to = None if round_weights_to is None else _as_dtype(round_weights_to)
         self.device = torch.device(device)
         self.max_batch_size = int(max_batch_size)
         if self.max_batch_size < 1:
@@ -161,6 +167,8 @@ class HFEngine:
             self.model = load_model(
                 name, dtype=self.dtype, device=self.device, attn_implementation=attn_implementation
             )
+            if self.round_weights_to is not None:
+                self._load(self.model, self.model.state_dict(), self.round_weights_to)
         else:
             self.model = self._copy_of(model, attn_implementation)
         self.model.requires_grad_(False)
@@ -181,7 +189,7 @@ class HFEngine:
         copy.to(self.device).eval()
         if getattr(model, "generation_config", None) is not None:
             copy.generation_config = model.generation_config
-        self._load(copy, model.state_dict())
+        self._load(copy, model.state_dict(), self.round_weights_to)
         return copy
 
     def update_weights(self, model_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> None:
@@ -196,11 +204,13 @@ class HFEngine:
             if isinstance(model_or_state_dict, torch.nn.Module)
             else model_or_state_dict
         )
-        self._load(self.model, state)
+        self._load(self.model, state, self.round_weights_to)
 
     @staticmethod
     @torch.no_grad()
-    def _load(target: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    def _load(
+        target: torch.nn.Module, state: Mapping[str, Any], round_to: torch.dtype | None = None
+    ) -> None:
         source = {_strip_wrapper_prefix(k): v for k, v in state.items()}
         own = target.state_dict()
         missing = [k for k in own if k not in source]
@@ -216,7 +226,10 @@ class HFEngine:
                     f"update_weights: {key} has shape {tuple(value.shape)}, "
                     f"engine expects {tuple(tensor.shape)}"
                 )
-            tensor.copy_(value.detach())
+            value = value.detach()
+            if round_to is not None and value.is_floating_point():
+                value = value.to(round_to)
+            tensor.copy_(value)
 
     @staticmethod
     def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

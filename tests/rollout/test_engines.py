@@ -264,3 +264,30 @@ def test_identical_prompts_are_prefilled_once_and_sampled_independently(tokenize
     for prompt, sample in zip(batch, samples, strict=True):
         reference = teacher_forced_logprobs(engine.model, prompt, sample)
         assert torch.allclose(reference, torch.tensor(sample.logprobs), atol=1e-4)
+
+
+def test_round_weights_to_stores_bf16_values_and_computes_in_float32(tokenizer):
+    """The weight-precision part of a bf16 engine at fp32 speed (AVX2 CPUs): every weight is
+    its bf16 rounding, kept in float32, also after update_weights; log-probs move accordingly."""
+    model = make_tiny_model("llama", tokenizer=tokenizer, hidden_size=64, num_layers=2, seed=1)
+    exact = HFEngine(model, tokenizer, dtype=torch.float32)
+    rounded = HFEngine(model, tokenizer, dtype=torch.float32, round_weights_to="bfloat16")
+    for key, w in rounded.model.state_dict().items():
+        assert w.dtype == torch.float32, key
+        torch.testing.assert_close(
+            w, model.state_dict()[key].to(torch.bfloat16).float(), rtol=0, atol=0
+        )
+    assert any(
+        not torch.equal(w, exact.model.state_dict()[k])
+        for k, w in rounded.model.state_dict().items()
+    )
+    with torch.no_grad():
+        next(model.parameters()).add_(0.001)
+    rounded.update_weights(model)
+    key, first = next(iter(model.state_dict().items()))
+    assert torch.equal(rounded.model.state_dict()[key], first.to(torch.bfloat16).float())
+    prompt = [1, 5, 9, 11]
+    params = SamplingParams(max_tokens=6, seed=0, temperature=0)
+    a, b = exact.generate([prompt], params)[0], rounded.generate([prompt], params)[0]
+    n = min(len(a.token_ids), len(b.token_ids))
+    assert n and a.logprobs[:n] != b.logprobs[:n]
