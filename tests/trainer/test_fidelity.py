@@ -125,7 +125,10 @@ def test_mis_losses_are_normalised_by_the_tokens_that_stay(
         calls.clear()
         cfg = tiny_config(tmp_path / f"mbs{mbs}", problem_files, steps=1)
         cfg.algorithm.preset = "mis"
-        cfg.algorithm.loss = {"correction_threshold": 1.001, "correction_threshold_low": 0.999}
+        # float32 engine with bf16-rounded weights on every machine: |log rho| ~ 2e-4 (IQR)
+        cfg.rollout.engine_dtype = "float32"
+        cfg.rollout.engine_kwargs = {"round_weights_to": "bfloat16"}
+        cfg.algorithm.loss = {"correction_threshold": 1.0002, "correction_threshold_low": 0.9998}
         cfg.algorithm.micro_batch_size = mbs
         cfg.algorithm.mini_batches = 1  # one optimiser step: one shared normaliser
         row = step_rows(make_trainer(cfg, tokenizer).train().run_dir)[1]
@@ -141,6 +144,7 @@ def test_sigma_below_the_trainer_precision_is_reported(
     tmp_path, problem_files, tokenizer, capsys, sigma, warned
 ):
     cfg = tiny_config(tmp_path, problem_files, steps=1)
+    cfg.model.autocast = "bf16"  # explicit: "auto" is float32 on CPUs without native bf16
     cfg.perturbation.sigma_init = sigma
     make_trainer(cfg, tokenizer)
     err = capsys.readouterr().err
