@@ -133,8 +133,10 @@ class EvalConfig:
     """Seeds sampling, environments and the bootstrap: same seed, same numbers."""
     engine: str = "auto"
     """Inference engine: hf (transformers, CPU default), vllm (GPU), auto (vllm if CUDA and vllm exist)."""
-    dtype: str = "bfloat16"
-    """Engine weights dtype (bfloat16 is ~1.5x faster on CPUs with AMX; float32 for exactness)."""
+    dtype: str = "auto"
+    """Engine weights dtype: auto = bfloat16 where the device runs it natively (GPU, AMX,
+    AVX512-BF16; ~1.5x faster than float32 there), else float32 (bf16 matmuls are ~100x slower
+    on AVX2-only CPUs); or any torch dtype name."""
     sandbox: str | None = None
     """Sandbox backend for tool environments (e.g. local, docker); null = the environment's default."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -889,10 +891,14 @@ def _make_engine(cfg: EvalConfig) -> tuple[Any, Any]:
         choice = "vllm" if torch.cuda.is_available() and not vllm_unavailable_reason() else "hf"
     tokenizer = load_tokenizer(cfg.model)
     if choice == "vllm":
-        engine = VLLMEngine(cfg.model, tokenizer, dtype=cfg.dtype, seed=cfg.seed)
+        dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+        engine = VLLMEngine(cfg.model, tokenizer, dtype=dtype, seed=cfg.seed)
     else:
-        engine = HFEngine(cfg.model, tokenizer, dtype=cfg.dtype, max_batch_size=cfg.batch_size)
-    _say(f"engine: {type(engine).__name__} ({cfg.dtype}) for {cfg.model}")
+        from alp_agents.precision import resolve_engine_precision
+
+        dtype, _ = resolve_engine_precision(cfg.dtype, "cpu", training=False)  # HFEngine's device
+        engine = HFEngine(cfg.model, tokenizer, dtype=dtype, max_batch_size=cfg.batch_size)
+    _say(f"engine: {type(engine).__name__} ({dtype}) for {cfg.model}")
     return engine, tokenizer
 
 

@@ -72,7 +72,9 @@ class ModelConfig:
 
     name: str = "smollm2-135m-instruct"  # embedded name, local folder, Hub id, or "tiny-<arch>"
     dtype: str = "float32"  # master weights
-    autocast: str = "bf16"  # "bf16" (AMX/tensor cores) or "none"
+    # "auto": bf16 where the device has native bf16 matmuls (GPU, AMX, AVX512-BF16), else none
+    # (alp_agents.precision); "bf16" or "none" to force one
+    autocast: str = "auto"
     gradient_checkpointing: bool = False
     # transformers attention backend of the trainer's forwards ("sdpa", "eager", ...); the
     # engine keeps its own. On CPU at a few hundred tokens "eager" trains ~10% faster (sdpa's
@@ -99,7 +101,9 @@ class RolloutConfig:
     """How episodes are sampled."""
 
     engine: str = "hf"  # "hf" (transformers, CPU default) or "vllm"
-    engine_dtype: str = "bfloat16"  # the engine's own weight copy (a real mismatch vs fp32)
+    # the engine's own weight copy (a real mismatch vs the fp32 trainer): "auto" = bfloat16 where
+    # native, else float32 with bf16-rounded weights (alp_agents.precision); or a torch dtype
+    engine_dtype: str = "auto"
     prompts_per_step: int = 4
     group_size: int = 4
     temperature: float = 1.0
@@ -272,8 +276,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise bad("rollout.engine", "vllm", f"vLLM cannot run here: {reason}")
     if cfg.optim.lr_schedule not in LR_SCHEDULES:
         raise bad("optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
-    if cfg.model.autocast not in ("bf16", "none"):
-        raise bad("model.autocast", cfg.model.autocast, ("bf16", "none"))
+    if cfg.model.autocast not in ("auto", "bf16", "none"):
+        raise bad("model.autocast", cfg.model.autocast, ("auto", "bf16", "none"))
     if cfg.perturbation.target not in ("hidden", "logits"):
         raise bad("perturbation.target", cfg.perturbation.target, ("hidden", "logits"))
     for name, value in (
@@ -518,6 +522,9 @@ class ALPTrainer:
 
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         self.device = self.accelerator.device
+        from alp_agents.precision import resolve_autocast
+
+        self.autocast = resolve_autocast(config.model.autocast, self.device)  # "bf16" | "none"
         self.is_main = self.accelerator.is_main_process
         self._check_distributed_type()
         torch.manual_seed(config.seed)
@@ -661,9 +668,7 @@ class ALPTrainer:
         if p.target != "hidden":
             return
         compute = (
-            torch.bfloat16
-            if self.cfg.model.autocast == "bf16"
-            else getattr(torch, self.cfg.model.dtype)
+            torch.bfloat16 if self.autocast == "bf16" else getattr(torch, self.cfg.model.dtype)
         )
         floor = resolvable_sigma(compute)
         if p.sigma_init < floor:
@@ -695,17 +700,23 @@ class ALPTrainer:
     def _make_engine(self) -> Any:
         """The rollout engine, built from the unperturbed weights (before any hook exists)."""
         from alp_agents import engines
+        from alp_agents.precision import resolve_engine_precision
 
         r = self.cfg.rollout
+        dtype, round_to = resolve_engine_precision(r.engine_dtype, self.device)
         if r.engine == "hf":
-            kwargs = {"device": self.device, **r.engine_kwargs}
-            return engines.HFEngine(
-                self._unwrapped(), self.tokenizer, dtype=r.engine_dtype, **kwargs
+            kwargs = {"device": self.device, "round_weights_to": round_to, **r.engine_kwargs}
+            rounded = kwargs["round_weights_to"]
+            self._say(
+                f"engine: HFEngine {dtype}"
+                + (f" with {rounded}-rounded weights" if rounded else "")
+                + f"; trainer: {self.cfg.model.dtype}, autocast {self.autocast}"
             )
+            return engines.HFEngine(self._unwrapped(), self.tokenizer, dtype=dtype, **kwargs)
         return engines.VLLMEngine(
             self.cfg.model.name,
             self.tokenizer,
-            dtype=r.engine_dtype,
+            dtype=r.engine_dtype if r.engine_dtype != "auto" else "bfloat16",
             seed=self.cfg.seed,
             **r.engine_kwargs,
         )
@@ -886,7 +897,7 @@ class ALPTrainer:
             self.engine.update_weights(self._unwrapped())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.model.autocast == "bf16":
+        if self.autocast == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
