@@ -461,8 +461,22 @@ class Session:
         start = time.monotonic()
         try:
             note = ""
+            if self._kid is not None and (
+                worker.process is None or worker.process.poll() is not None
+            ):
+                worker.restart()  # notice a dead server before asking it about our kernel
             if self._kid is not None and self._generation != worker.generation:
-                self._kid, self._lost_state = None, True  # the server was restarted
+                # The server was restarted (not by this session's call): our infrastructure
+                # lost the state. Running the code in a fresh namespace would score a
+                # NameError against the policy; this call is a sandbox_error instead, and the
+                # next one starts a fresh process.
+                self._kid, self._lost_state = None, False
+                self.restarts += 1
+                return ExecutionResult.infrastructure_error(
+                    "the sandbox server was restarted and this session's state was lost "
+                    "(the code was not run)",
+                    time.monotonic() - start,
+                )
             if self._kid is None:
                 if not self._open_kernel():
                     return ExecutionResult.infrastructure_error(
