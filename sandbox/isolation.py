@@ -352,17 +352,20 @@ class RootBuilder:
             return []
         dest = self._dest(directory)
         inside_bound = self._covered(directory)
+        entries = [
+            entry
+            for entry in sorted(os.listdir(directory))
+            # no .pth start-up hooks (editable finders point into the project)
+            if not entry.endswith(".pth") and entry.split(".")[0].split("-")[0] in allowed
+        ]
+        if not entries and not inside_bound:
+            return []  # nothing to show: the directory does not exist for snippets
         if inside_bound:
             mount("tmpfs", dest, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
         else:
             os.makedirs(dest, mode=0o755, exist_ok=True)
         shown = []
-        for entry in sorted(os.listdir(directory)):
-            if entry.endswith(".pth"):
-                continue  # no start-up hooks (editable finders point into the project)
-            stem = entry.split(".")[0].split("-")[0]
-            if stem not in allowed:
-                continue
+        for entry in entries:
             src = os.path.join(directory, entry)
             target = dest + "/" + entry
             if os.path.isdir(src):

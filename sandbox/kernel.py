@@ -163,6 +163,10 @@ def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
             _write_record(SETUP_FAILED, 0, len(text), 0, text)
         finally:
             os._exit(SETUP_EXIT)
+    # The sandbox's own modules stay loaded (this loop runs in them) but are not offered to
+    # the snippet's imports; neither is the seccomp binding.
+    for name in [n for n in sys.modules if n.split(".")[0] in ("sandbox", "pyseccomp")]:
+        del sys.modules[name]
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     while True:
         try:
