@@ -269,6 +269,9 @@ def python_package_dirs() -> list[str]:
     stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
     out = []
     candidates = [p for p in sys.path if p] + list(site.getsitepackages())
+    # The base interpreter's own site-packages lies inside the stdlib directory (bound whole)
+    # even when a virtualenv does not use it: filter it too.
+    candidates += [os.path.join(stdlib, "site-packages"), os.path.join(stdlib, "dist-packages")]
     for pattern_root in ("/usr/lib", "/usr/local/lib"):
         with contextlib.suppress(OSError):
             for name in os.listdir(pattern_root):
@@ -483,7 +486,8 @@ def setup_kernel_tmp(disk_mb: int) -> None:
     Everything a snippet writes lands there (the rest of the tree is read-only) and disappears
     with its mount namespace when the kernel's processes are gone.
     """
-    unshare(CLONE_NEWNS | CLONE_NEWIPC)  # SysV/POSIX IPC objects also die with the kernel
+    # SysV/POSIX IPC objects die with the kernel; its cgroup paths read as "/".
+    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP)
     staging = SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
     mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={disk_mb}m")
     for name, target in SCRATCH:
@@ -788,6 +792,10 @@ DENIED_SYSCALLS = (
 # Socket families a snippet may create: AF_UNIX (asyncio, multiprocessing), AF_INET(6) (the
 # network namespace is empty). Everything else (AF_VSOCK, AF_NETLINK, AF_PACKET, ...) fails.
 ALLOWED_SOCKET_FAMILIES = (1, 2, 10)
+# File locks work on any file a process can open read-only, so two sessions could signal
+# each other through a lock on a shared library file: flock and the fcntl lock commands
+# (F_GETLK, F_SETLK, F_SETLKW and their OFD variants) fail with ENOLCK.
+FCNTL_LOCK_COMMANDS = (5, 6, 7, 36, 37, 38)
 MAX_SOCKET_FAMILY = 64
 
 
@@ -830,6 +838,12 @@ class SeccompProgram:
                 filt.add_rule(no_family, "socket", pyseccomp.Arg(0, pyseccomp.EQ, family))
         filt.add_rule(no_family, "socket", pyseccomp.Arg(0, pyseccomp.GE, MAX_SOCKET_FAMILY))
         filt.add_rule(no_family, "socketpair", pyseccomp.Arg(0, pyseccomp.NE, 1))
+        no_lock = pyseccomp.ERRNO(errno.ENOLCK)
+        filt.add_rule(no_lock, "flock")
+        for name in ("fcntl", "fcntl64"):
+            for command in FCNTL_LOCK_COMMANDS:
+                with contextlib.suppress(Exception):  # fcntl64 exists on 32-bit only
+                    filt.add_rule(no_lock, name, pyseccomp.Arg(1, pyseccomp.EQ, command))
         with tempfile.TemporaryFile() as f:
             filt.export_bpf(f)
             f.seek(0)
