@@ -103,6 +103,11 @@ def preimport() -> None:
     sp.integrate(x**2, x)
 
 
+class TemplateGone(Exception):  # noqa: N818 - not an error of a run: the worker must restart
+    """The clean template died. A new one forked now would come from a server that has held
+    requests, so the server gives up and the host restarts the worker."""
+
+
 class Zygote:
     """The server's handle on one slot's zygote."""
 
@@ -269,21 +274,31 @@ class Server:
         self.template_sock = self.template_pid = None
 
     def _receive(self, sock: socket.socket, deadline: float) -> tuple[dict | None, list[int]]:
+        """One message by the deadline; (None, []) on timeout, ({}, []) when the peer is
+        gone."""
         remaining = deadline - time.monotonic()
         ready, _ = _poll([sock.fileno()], [], remaining)
         if not ready:
             return None, []
-        return zyg.recv(sock)
+        message, fds = zyg.recv(sock)
+        return ({}, fds) if message is None else (message, fds)
 
     def _zygote(self, slot: int, cgroups: isolation.SlotCgroups | None) -> Zygote:
         z = self.zygotes.get(slot)
+        while z is not None and z.alive:  # file its reports; notice if it is gone
+            message, _ = self._pump(z, time.monotonic(), want_reply=False)
+            if message is None:
+                break
         if z is not None and z.alive:
             return z
         if self.template_sock is None:
-            raise RuntimeError("no template process")
+            raise TemplateGone("no template process")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             zyg.send(self.template_sock, {"op": "zygote"}, [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise TemplateGone(f"the template is gone: {exc}") from exc
         finally:
             theirs.close()
         deadline = time.monotonic() + SETUP_DEADLINE_S
@@ -292,7 +307,7 @@ class Server:
             os.close(fd)
         if not reply or "pid" not in reply:
             ours.close()
-            raise RuntimeError(f"the template did not fork a zygote: {reply}")
+            raise TemplateGone(f"the template did not fork a zygote: {reply}")
         hello, fds = self._receive(ours, deadline)
         for fd in fds:
             os.close(fd)
@@ -313,8 +328,11 @@ class Server:
         while z.alive:
             message, fds = self._receive(z.sock, deadline)
             if message is None:
-                if time.monotonic() < deadline:
-                    z.alive = False  # the zygote is gone
+                return None, []  # the deadline passed
+            if not message:
+                z.alive = False  # the zygote is gone
+                for fd in fds:
+                    os.close(fd)
                 return None, []
             if "exit" in message:
                 z.exits[int(message["exit"])] = int(message["status"])

@@ -373,3 +373,49 @@ def test_a_session_dropped_without_close_is_cleaned_up(sb):
     while sb.audit()["stray_processes"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sb.audit()["stray_processes"] == []
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def test_a_dead_template_restarts_the_worker_and_runs_go_on():
+    with LocalSandbox(limits=Limits(timeout_s=5.0), workers=1) as sb:
+        if not sb.isolation.clean_template:
+            pytest.skip(str(sb.isolation))
+        launcher = sb.launcher_pids[0]
+        with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+            server = int(f.read().split()[0])
+        with open(f"/proc/{server}/task/{server}/children") as f:
+            template = int(f.read().split()[0])
+        assert sb.run("print(1)").stdout == "1\n"
+        os.kill(template, signal.SIGKILL)
+        time.sleep(0.2)
+        statuses = [sb.run("print(2)").status for _ in range(3)]
+        assert statuses[-1] == "ok", statuses
+        assert statuses.count("sandbox_error") <= 1, statuses  # never a scored failure
+        assert set(statuses) <= {"ok", "sandbox_error"}, statuses
+
+
+def test_closing_leaves_no_mount_and_no_process_on_the_host():
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read()
+    sb = LocalSandbox(workers=1).start()
+    launchers = sb.launcher_pids
+    tree = [p for launcher in launchers for p in _descendants(launcher)]
+    with sb.session() as s:
+        s.run("import subprocess\np = subprocess.Popen(['sleep', '60'])")
+        assert sb.run("print(1)").ok
+    sb.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in tree):
+        time.sleep(0.05)
+    assert [p for p in tree if os.path.exists(f"/proc/{p}")] == []
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == mounts
+    assert cgroups_of_servers(launchers) == []
