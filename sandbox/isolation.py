@@ -163,6 +163,7 @@ class IsolationReport:
     cgroup_pids: bool = False
     cgroup_freezer: bool = False  # sessions frozen between calls
     cgroup_cpu: bool = False  # one core per slot
+    verified_completion: bool = False  # a session's completion claim is checked in /proc
     uid_drop: bool = False
     seccomp: bool = False
     rlimits: bool = True

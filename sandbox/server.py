@@ -162,18 +162,19 @@ IDLE_RECHECK_S = 0.0002
 IDLE_SPINS = 20  # checks (yielding the CPU in between) before sleeping
 
 
-def _waiting_for_code(pid: int, spins: int = 1) -> bool:
+def _waiting_for_code(pid: int, spins: int = 1, unknown: bool = True) -> bool:
     """Whether the kernel's main thread is blocked reading the code pipe. The kernel gets
-    there microseconds after its record, so the first checks yield the CPU to it."""
+    there microseconds after its record, so the first checks yield the CPU to it. Where
+    this cannot be seen (``unknown``), the claim is believed."""
     number = _READ_SYSCALL.get(os.uname().machine)
     if number is None:
-        return True
+        return unknown
     for attempt in range(spins):
         try:
             with open(f"/proc/{pid}/syscall") as f:
                 fields = f.read().split()
         except OSError:
-            return True
+            return unknown
         if fields and fields[0] == number:
             return len(fields) > 1 and int(fields[1], 16) == CODE_FD
         if attempt + 1 < spins:
@@ -764,6 +765,11 @@ class Server:
         for _ in range(5):
             kernel = self.spawn(limits)
             state = kernel.zygote.state
+            # A ready kernel waits for its first cell: the completion check must see that.
+            if self._await_ready(kernel, time.monotonic() + SETUP_DEADLINE_S) is None:
+                self.report.verified_completion = _waiting_for_code(
+                    kernel.pid, spins=200, unknown=False
+                )
             result = self._guarded(kernel, PROBE_CODE, limits, "<probe>", True, time.monotonic())
             if kernel.kid in self.kernels:
                 self.kill(kernel)
