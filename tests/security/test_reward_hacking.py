@@ -151,6 +151,17 @@ def test_a_huge_cell_for_a_busy_kernel_does_not_stall_the_worker(one):
     assert one.launcher_pids == launchers
 
 
+def test_oversized_code_fails_that_call_and_never_the_worker(one):
+    launchers = one.launcher_pids
+    with one.session() as victim, one.session() as attacker:
+        assert victim.run("answer = 42").ok
+        big = "print(1)\n#" + "x" * (70 << 20)
+        assert attacker.run(big).status == "error"
+        assert one.run(big).status == "error"
+        assert victim.run("print(answer)").stdout == "42\n"
+    assert one.launcher_pids == launchers
+
+
 def test_a_memory_error_claim_cannot_hide_a_timeout(sb):
     r = run(
         sb,
