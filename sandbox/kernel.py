@@ -5,14 +5,15 @@ numpy/sympy are already imported and no earlier run's data is in its memory). It
 the per-kernel layers (private scratch mount, rlimits, its own uid, parent-death signal,
 seccomp), tells the server it is ready, then loops: read one code message, run it in a
 persistent namespace, flush, report. A stateless call is a kernel that runs one snippet and
-exits; a session is a kernel that stays alive (frozen by the server) between calls.
+is killed; a session is a kernel that stays alive (frozen by the server) between calls.
 
 What the server trusts: the readiness record is written before any untrusted code ran; after
 that, every byte on these pipes may have been written by the snippet. The completion record
 is therefore a fixed-size binary claim (never parsed as JSON) that can only say what a
 snippet decides anyway (its exit code, whether it raised MemoryError); the server decides
 timeouts, memory exhaustion, output floods, signals and infrastructure failures from its own
-observations, and a stateless run's outcome from the kernel's exit status.
+observations, and believes a completion record only once it sees this loop's main thread
+blocked reading the code pipe again (``/proc/<pid>/syscall``).
 
 File descriptors inside a kernel: 0 = /dev/null (``input()`` sees EOF), 1/2 = output pipes to
 the server, 3 = code from the server, 4 = records to the server. Nothing else is open.
@@ -182,6 +183,3 @@ def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
             _write_record(DONE, int(message.get("seq", 0)), exit_code, flags)
         except OSError:
             os._exit(0)
-        if message.get("oneshot"):
-            # A stateless run ends here: the server reads the outcome from the exit status.
-            os._exit(exit_code & 0xFF)

@@ -602,16 +602,15 @@ class Server:
                 elif chunk:
                     if len(record) < 1 << 16:
                         record += chunk
-                    if not oneshot:
-                        claim = _parse_claim(record, kernel.seq)
-                        if claim is False:
-                            verdict = "malformed"
+                    claim = _parse_claim(record, kernel.seq)
+                    if claim is False:
+                        verdict = "malformed"
             if kernel.pidfd in ready:
                 verdict = "exited"
         duration = time.monotonic() - start
         if verdict in ("timeout", "output_limit", "malformed"):
             self.kill(kernel)
-        elif verdict == "done" and cgroups is not None:
+        elif verdict == "done" and cgroups is not None and not oneshot:
             kernel.frozen = cgroups.freeze()  # nothing of the session runs between calls
         _drain(kernel.out_r, out)
         _drain(kernel.err_r, err)
