@@ -660,6 +660,9 @@ class Server:
             return "error", None
         if verdict == "done":
             exit_code, flags = claim
+            # As the OS reduces an exit status (sys.exit(256) is 0); a negative exit code
+            # always means a signal the server saw, never a claimed number.
+            exit_code &= 0xFF
             if flags & FLAG_MEMORY_ERROR:
                 return "memory", exit_code
             return ("ok" if exit_code == 0 else "error"), exit_code

@@ -162,6 +162,13 @@ def test_oversized_code_fails_that_call_and_never_the_worker(one):
     assert one.launcher_pids == launchers
 
 
+def test_a_claimed_exit_code_never_looks_like_a_signal(sb):
+    r = run(sb, "import sys\nsys.exit(-9)")
+    assert (r.status, r.exit_code) == ("error", 247), r
+    r = run(sb, "import sys\nsys.exit(256)")  # the OS keeps the low byte, as for python -c
+    assert (r.status, r.exit_code) == ("ok", 0), r
+
+
 def test_a_memory_error_claim_cannot_hide_a_timeout(sb):
     r = run(
         sb,
