@@ -256,6 +256,12 @@ class Server:
                 os._exit(70)
         theirs.close()
         self.template_sock, self.template_pid = ours, pid
+        hello, _ = self._receive(ours, time.monotonic() + SETUP_DEADLINE_S)
+        if not hello or not hello.get("hello"):
+            raise TemplateGone("the template did not start")
+        if options.get("root") and not hello.get("root"):
+            self.report.file_allowlist = False
+            self.report.notes.append(hello.get("note") or "file_allowlist: not entered")
         self.report.clean_template = True
 
     def stop_template(self) -> None:

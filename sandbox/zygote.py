@@ -90,9 +90,17 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
     own_pid_ns = None
     if options.get("pid_namespace"):
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    hello = {"hello": True, "root": False}
     if options.get("root"):
-        isolation.unshare(isolation.CLONE_NEWNS)
-        isolation.enter_root(options["root"])
+        try:
+            isolation.unshare(isolation.CLONE_NEWNS)
+            isolation.enter_root(options["root"])
+            hello["root"] = True
+        except OSError as exc:  # the server reports the layer off
+            hello["note"] = f"file_allowlist: entering the root failed: {exc}"
+    if own_pid_ns is not None:
+        hello["pid_namespace"] = True
+    send(sock, hello)
     wake = _wakeup_pipe()
     while True:
         ready, _, _ = select.select([sock, wake], [], [])
