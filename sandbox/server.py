@@ -234,7 +234,8 @@ class Server:
         self.next_kid = 1
         self.spare: Kernel | None = None
         self.spare_limits: Limits | None = None
-        self.after_reply: list[Kernel] = []
+        self.after_reply: list[Kernel] = []  # stateless kernels: killed after the reply
+        self.to_freeze: list[Kernel] = []  # session kernels: frozen after the reply
         self.draining: list[Kernel] = []  # killed; their slot is free once it is empty
         self.template_sock: socket.socket | None = None
         self.template_pid: int | None = None
@@ -559,15 +560,18 @@ class Server:
         cgroups = kernel.cgroups
         oom_before = cgroups.oom_kills() if cgroups else 0
         fail_before = cgroups.failcnt() if cgroups else 0
-        if kernel.frozen and cgroups is not None:
-            cgroups.thaw()
-            kernel.frozen = False
         start = time.monotonic()
         deadline = start + limits.timeout_s
         kernel.seq += 1
         message = {"code": code, "filename": filename, "oneshot": oneshot, "seq": kernel.seq}
         payload = protocol.encode(message)
         pending = memoryview(payload)
+        if kernel.frozen and cgroups is not None:
+            # Queue the code first, then thaw: the kernel wakes once, with its cell there.
+            with contextlib.suppress(BlockingIOError, OSError):
+                pending = pending[os.write(kernel.code_w, pending[: 1 << 16]) :]
+            cgroups.thaw()
+            kernel.frozen = False
         readers = {kernel.out_r, kernel.err_r, kernel.done_r, kernel.pidfd}
         record = bytearray()
         verdict = None
@@ -617,7 +621,9 @@ class Server:
         if verdict in ("timeout", "output_limit", "malformed"):
             self.kill(kernel)
         elif verdict == "done" and cgroups is not None and not oneshot:
-            kernel.frozen = cgroups.freeze()  # nothing of the session runs between calls
+            # Nothing of the session runs between calls: frozen right after the reply is
+            # written (tidy), before the server reads its next request.
+            self.to_freeze.append(kernel)
         _drain(kernel.out_r, out)
         _drain(kernel.err_r, err)
         wait_status = self._wait_status(kernel) if verdict == "exited" else None
@@ -758,6 +764,10 @@ class Server:
 
     def tidy(self) -> None:
         """Work done after the reply is sent: kill finished kernels, fork the next spare."""
+        while self.to_freeze:
+            kernel = self.to_freeze.pop()
+            if kernel.kid in self.kernels and kernel.cgroups is not None:
+                kernel.frozen = kernel.cgroups.freeze()
         while self.after_reply:
             kernel = self.after_reply.pop()
             if kernel.kid in self.kernels:
@@ -936,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
                     root, allowed, [os.path.realpath(h) for h in args.hide]
                 )
                 report.file_allowlist = report.hidden_home = True
-                report.notes.append("packages visible: " + ",".join(sorted(shown)))
+                report.notes.append("packages visible: " + ",".join(sorted(set(shown))))
             except OSError as exc:
                 report.notes.append(f"file_allowlist: {exc}")
                 with contextlib.suppress(OSError):
