@@ -155,11 +155,14 @@ def zygote_main(sock: socket.socket, options: dict, seccomp_filter, pid_ns_error
             state["network_namespace"] = True
         except OSError as exc:
             notes.append(f"slot network namespace: {exc}")
-    if options.get("pid_namespace") and not pid_ns_error and os.getpid() == 1:
+    in_own_pid_ns = bool(options.get("pid_namespace")) and not pid_ns_error and os.getpid() == 1
+    if in_own_pid_ns or options.get("root"):
+        # A /proc for this slot's pid namespace (the allow-list root has none of its own;
+        # without a pid namespace of its own, one of the server's, still hidepid=2).
         try:
             isolation.unshare(isolation.CLONE_NEWNS)
             isolation.mount_own_proc()
-            state["pid_namespace"] = True
+            state["pid_namespace"] = in_own_pid_ns
         except OSError as exc:
             notes.append(f"slot /proc: {exc}")
     wake = _wakeup_pipe()
