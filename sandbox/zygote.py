@@ -87,6 +87,13 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
     _keep_only(sock.fileno())
+    # In a container the server talks to the host on fds 0 and 1: never hold those open.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        if fd != sock.fileno():
+            os.dup2(devnull, fd)
+    if devnull not in (0, 1, sock.fileno()):
+        os.close(devnull)
     own_pid_ns = None
     if options.get("pid_namespace"):
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
