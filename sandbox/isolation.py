@@ -185,6 +185,7 @@ class IsolationReport:
             self.cgroup_memory,
             self.cgroup_pids,
             self.cgroup_freezer,
+            self.verified_completion,
             self.uid_drop,
             self.seccomp,
         ]

@@ -162,21 +162,30 @@ IDLE_RECHECK_S = 0.0002
 IDLE_SPINS = 20  # checks (yielding the CPU in between) before sleeping
 
 
-def _waiting_for_code(pid: int, spins: int = 1, unknown: bool = True) -> bool:
-    """Whether the kernel's main thread is blocked reading the code pipe. The kernel gets
-    there microseconds after its record, so the first checks yield the CPU to it. Where
-    this cannot be seen (``unknown``), the claim is believed."""
+def _code_read_state(pid: int) -> bool | None:
+    """True if the kernel's main thread is blocked reading the code pipe, False if not (yet),
+    None if this cannot be seen here (no /proc/<pid>/syscall access, unknown architecture)."""
     number = _READ_SYSCALL.get(os.uname().machine)
     if number is None:
-        return unknown
+        return None
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != number:
+        return False
+    return len(fields) > 1 and int(fields[1], 16) == CODE_FD
+
+
+def _waiting_for_code(pid: int, spins: int = 1) -> bool:
+    """Whether the kernel's main thread is blocked reading the code pipe. The kernel gets
+    there microseconds after its record, so the first checks yield the CPU to it. Where this
+    cannot be seen, the claim is believed (``verified_completion`` is then off)."""
     for attempt in range(spins):
-        try:
-            with open(f"/proc/{pid}/syscall") as f:
-                fields = f.read().split()
-        except OSError:
-            return unknown
-        if fields and fields[0] == number:
-            return len(fields) > 1 and int(fields[1], 16) == CODE_FD
+        state = _code_read_state(pid)
+        if state is not False:
+            return state is None or state
         if attempt + 1 < spins:
             os.sched_yield()
     return False
@@ -785,9 +794,12 @@ class Server:
             state = kernel.zygote.state
             # A ready kernel waits for its first cell: the completion check must see that.
             if self._await_ready(kernel, time.monotonic() + SETUP_DEADLINE_S) is None:
-                self.report.verified_completion = _waiting_for_code(
-                    kernel.pid, spins=200, unknown=False
-                )
+                waiting, until = False, time.monotonic() + SETUP_DEADLINE_S
+                while waiting is False and time.monotonic() < until and self._alive(kernel):
+                    waiting = _code_read_state(kernel.pid)
+                    if waiting is False:
+                        time.sleep(0.002)
+                self.report.verified_completion = waiting is True
             result = self._guarded(kernel, PROBE_CODE, limits, "<probe>", True, time.monotonic())
             if kernel.kid in self.kernels:
                 self.kill(kernel)

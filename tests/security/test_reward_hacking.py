@@ -651,6 +651,13 @@ def test_a_call_uses_at_most_one_core(sb):
     )
     assert r.status == "ok", r
     assert float(r.stdout) <= 1.25, r.stdout
+    # (on a loaded machine the timing alone cannot tell: the quota is checked too)
+    quotas = glob.glob("/sys/fs/cgroup/cpu/alp-sandbox-*/cpu.cfs_quota_us")
+    ours = [q for q in quotas if any(f"-{p}-" in q for p in sb.launcher_pids)]
+    if ours:
+        for path in ours:
+            with open(path) as f, open(path.replace("quota", "period")) as g:
+                assert int(f.read()) == int(g.read()), path
 
 
 # --------------------------------------------------------------------------- 7. scratch quota
