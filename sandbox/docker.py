@@ -31,8 +31,18 @@ from .limits import Limits
 from .local import SCRUBBED_ENV, LocalSandbox, _Worker
 
 DEFAULT_IMAGE = "alp-sandbox:latest"
-# What the trusted server inside needs to build its inner layers (namespaces, uid drop, kills).
-SERVER_CAPABILITIES = ["SYS_ADMIN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "CHOWN", "FOWNER"]
+# What the trusted server inside needs to build its inner layers (namespaces, uid drop, kills,
+# and reading /proc/<pid>/syscall of a kernel to check its completion claims).
+SERVER_CAPABILITIES = [
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "DAC_OVERRIDE",
+    "CHOWN",
+    "FOWNER",
+]
 
 
 def docker_unavailable_reason(image: str = DEFAULT_IMAGE) -> str | None:

@@ -1,19 +1,29 @@
 """Linux isolation primitives, each probed at start-up and applied only where it works.
 
-Layers (strongest first), all made by the server once except where noted:
+The adversary is the code in the sandbox: in RL it is written by a policy that is rewarded for
+outcomes, so anything a snippet can do to change how it is scored, to see what other rollouts
+do, or to take more than its share of the machine will be found by training. Layers:
 
-- namespaces (once per server): pid (the server is PID 1, so every process a snippet leaves
-  behind dies with it), network (empty: not even loopback is up), mount (private ``/proc``
-  with ``hidepid``, home directories and the caller's working directory hidden behind tmpfs
-  with only the Python installation bound back read-only), ipc and uts;
-- per kernel (one forked child per snippet or per session): its own mount namespace with fresh
-  size-limited tmpfs on ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (nothing survives
-  the call); memory and pids cgroups of its slot; rlimits; a uid (and gid) of its own, unique
-  on the host, so ``RLIMIT_NPROC`` applies and slots cannot signal each other or the server;
-  a seccomp filter that denies the syscalls a snippet never needs (ptrace, mount, unshare, bpf,
-  kernel modules, keyrings, ...).
+- per server (once): pid, network, mount, ipc and uts namespaces; a private ``/proc``;
+- a read-only *allow-list* root file system (``build_root``): system libraries and binaries,
+  a few files of ``/etc``, the interpreter, its standard library and only the allowed
+  packages of each package directory (numpy, sympy, mpmath, ...). Nothing else of the host
+  exists for a snippet: not the project, not datasets, not ``/work``, ``/home``, ``/root``,
+  ``/sys``, host sockets, other packages (the project's own ``envs/data`` included, wherever
+  it is installed);
+- a clean template process (forked before the server handles any request) that forks one
+  *zygote* per slot: PID 1 of a pid namespace of its own, with its own network namespace and
+  ``/proc``, joined to the slot's cgroups once; it forks the slot's kernels, so a kernel
+  never inherits memory that held another run's code or output, and no two slots share a pid
+  or network namespace (abstract unix sockets, ``kill(pid, 0)`` probes);
+- per kernel: its own mount and ipc namespaces with ONE size-limited tmpfs shared by
+  ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; rlimits (``RLIMIT_DATA`` makes an
+  allocation beyond the memory limit fail at once); a uid (and gid) of its own, unique on the
+  host; a seccomp filter;
+- per slot cgroups (v1): memory (no swap), pids, freezer (a session is frozen between calls)
+  and cpu (one core per slot).
 
-Python 3.11 has no ``os.unshare``/``os.mount``: we call libc through ctypes.
+Python 3.11 has no ``os.unshare``/``os.mount``/``os.setns``: we call libc through ctypes.
 """
 
 from __future__ import annotations
@@ -35,6 +45,18 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+# clone() flags that create namespaces: a snippet may never use them (a new user namespace
+# would give its child every capability inside it).
+NAMESPACE_CLONE_FLAGS = (
+    CLONE_NEWNS,
+    CLONE_NEWCGROUP,
+    CLONE_NEWUTS,
+    CLONE_NEWIPC,
+    CLONE_NEWUSER,
+    CLONE_NEWPID,
+    CLONE_NEWNET,
+)
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -45,6 +67,8 @@ MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+
+MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
 
@@ -63,6 +87,10 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
 
 def _check(ret: int, what: str) -> None:
@@ -86,6 +114,21 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
         ),
         f"mount {source} on {target}",
     )
+
+
+def umount(target: str, flags: int = MNT_DETACH) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -112,8 +155,15 @@ class IsolationReport:
     private_tmp: bool = False
     hidden_home: bool = False
     hidden_proc: bool = False
+    file_allowlist: bool = False  # a read-only allow-list root; nothing else of the host
+    clean_template: bool = False  # kernels forked from a process that never held a request
+    slot_pid_namespace: bool = False  # one pid namespace per slot (no cross-slot pids)
+    slot_network_namespace: bool = False  # one network namespace per slot (abstract sockets)
     cgroup_memory: bool = False
     cgroup_pids: bool = False
+    cgroup_freezer: bool = False  # sessions frozen between calls
+    cgroup_cpu: bool = False  # one core per slot
+    verified_completion: bool = False  # a session's completion claim is checked in /proc
     uid_drop: bool = False
     seccomp: bool = False
     rlimits: bool = True
@@ -128,8 +178,14 @@ class IsolationReport:
             self.mount_namespace,
             self.private_tmp,
             self.hidden_proc,
+            self.file_allowlist,
+            self.clean_template,
+            self.slot_pid_namespace,
+            self.slot_network_namespace,
             self.cgroup_memory,
             self.cgroup_pids,
+            self.cgroup_freezer,
+            self.verified_completion,
             self.uid_drop,
             self.seccomp,
         ]
@@ -174,115 +230,275 @@ def enter_server_namespaces(report: IsolationReport) -> None:
             report.notes.append(f"{name}: {exc}")
 
 
-def _ancestors_or_self(path: str) -> set[str]:
-    out = set()
-    while True:
-        out.add(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            return out
-        path = parent
+# ----------------------------------------------------------------------------- allow-list root
 
-
-_SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys", "/run")
-
-
-def python_paths() -> list[str]:
-    """The directories this interpreter imports from: they must stay visible to snippets."""
-    keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    return keep + [p for p in sys.path if p and os.path.isdir(p)]
-
-
-def cover_with_tmpfs(target: str, keep: list[str], staging: str, options: str) -> None:
-    """Mount a fresh tmpfs (``options``) over ``target``, binding ``keep`` paths inside it back.
-
-    The kept paths come back read-only, so covering a directory that holds the Python
-    installation (a virtualenv under /tmp or /root, say) does not break lazy imports.
-    ``staging`` must be a directory on which a tmpfs may be mounted temporarily. Needs a
-    private mount namespace.
-    """
-    inside = sorted(
-        {k for k in map(os.path.realpath, keep) if k.startswith(target + "/") and os.path.exists(k)}
-    )
-    # Drop keeps nested in other keeps (the outer bind brings them along).
-    inside = [k for k in inside if not any(k.startswith(o + "/") for o in inside if o != k)]
-    if not inside:
-        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-        return
-    mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    try:
-        staged = []
-        for i, keep_path in enumerate(inside):
-            spot = os.path.join(staging, str(i))
-            os.mkdir(spot)
-            mount(keep_path, spot, None, MS_BIND | MS_REC)
-            staged.append((keep_path, spot))
-        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-        for keep_path, spot in staged:
-            os.makedirs(keep_path, mode=0o755, exist_ok=True)
-            mount(spot, keep_path, None, MS_MOVE)
-            mount("none", keep_path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-    finally:
-        with contextlib.suppress(OSError):
-            _check(_libc.umount2(staging.encode(), 2), "umount staging")
+# Packages a snippet may import besides the standard library (those installed are bound; the
+# modules the server pre-imports pull in their own dependencies, e.g. mpmath for sympy).
+ALLOWED_PACKAGES = ("numpy", "sympy", "mpmath", "scipy", "networkx")
+# Never visible, whatever imported them in the server.
+NEVER_ALLOWED = ("sandbox", "envs", "alp_agents", "train", "pyseccomp", "_distutils_hack")
+# System directories bound whole (read-only) into the root; symlinks (merged /usr) are kept.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Inside them, directories that are covered by an empty (or filtered) view.
+SYSTEM_MASKS = ("/usr/src", "/usr/local/src", "/usr/local/share", "/usr/share/doc")
+# What a program needs from /etc (dynamic loader, users, time zone, certificates, MIME types).
+ETC_ALLOWED = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
+    "nsswitch.conf", "host.conf", "hosts", "gai.conf", "os-release", "debian_version",
+    "alternatives", "ssl", "ca-certificates", "mime.types", "protocols", "services",
+    "locale.alias", "networks",
+    "shadow",  # present but unreadable for a slot uid (0640 root): keeps EACCES semantics
+)  # fmt: skip
+DEVICES = ("null", "zero", "full", "random", "urandom")
+SCRATCH = (("tmp", "/tmp"), ("var_tmp", "/var/tmp"), ("shm", "/dev/shm"), ("lock", "/run/lock"))
+SCRATCH_STAGING = "/.scratch"
+OLD_ROOT = "/.old"
 
 
 def _staging_dir() -> str:
     return "/mnt" if os.path.isdir("/mnt") else "/media"
 
 
-def hide_directories(hidden: list[str], keep: list[str], staging: str) -> list[str]:
-    """Cover each ``hidden`` dir with an empty tmpfs, binding the ``keep`` paths back read-only.
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
-    System directories and their ancestors are never hidden. Returns the directories actually
-    hidden. Needs a private mount namespace.
-    """
-    protected = set()
-    for system_dir in _SYSTEM_DIRS:
-        protected |= _ancestors_or_self(system_dir)
-    done = []
-    for target in sorted({os.path.realpath(h) for h in hidden}):
-        inside_system = any(target.startswith(d + "/") for d in _SYSTEM_DIRS)
-        if target in protected or inside_system or not os.path.isdir(target):
+
+def python_package_dirs() -> list[str]:
+    """The directories of ``sys.path`` that hold third-party packages (not the stdlib)."""
+    import site
+    import sysconfig
+
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    out = []
+    candidates = [p for p in sys.path if p] + list(site.getsitepackages())
+    # The base interpreter's own site-packages lies inside the stdlib directory (bound whole)
+    # even when a virtualenv does not use it: filter it too.
+    candidates += [os.path.join(stdlib, "site-packages"), os.path.join(stdlib, "dist-packages")]
+    for pattern_root in ("/usr/lib", "/usr/local/lib"):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(pattern_root):
+                if name.startswith("python3"):
+                    for sub in ("dist-packages", "site-packages"):
+                        candidates.append(os.path.join(pattern_root, name, sub))
+    candidates.append("/usr/lib/python3/dist-packages")
+    for path in candidates:
+        real = os.path.realpath(path)
+        if not os.path.isdir(real) or real in out:
             continue
-        cover_with_tmpfs(target, keep, staging, "mode=0755,size=1m")
-        done.append(target)
-    return done
+        if _within(real, stdlib) and not real.endswith(("site-packages", "dist-packages")):
+            continue  # the stdlib itself and lib-dynload
+        out.append(real)
+    return out
 
 
-def setup_server_mounts(report: IsolationReport, hidden: list[str], keep: list[str]) -> None:
-    """Inside the server's new mount + pid namespace: private propagation, own /proc, hiding."""
+def allowed_top_level(modules_before: set[str], extra: tuple[str, ...] = ()) -> set[str]:
+    """Top-level names a snippet may import from package directories: ALLOWED_PACKAGES, what
+    the server pre-imported (with its dependencies), ``extra``; never NEVER_ALLOWED."""
+    names = set(ALLOWED_PACKAGES) | set(extra)
+    names |= {m.split(".")[0] for m in set(sys.modules) - modules_before}
+    return {n for n in names if n and n not in NEVER_ALLOWED}
+
+
+class RootBuilder:
+    """Builds the read-only allow-list root under ``root`` (a fresh tmpfs) in the server's
+    private mount namespace; kernels ``pivot_root`` into it (see ``enter_root``)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.bound: list[str] = []
+
+    def _dest(self, path: str) -> str:
+        return self.root + path
+
+    def _covered(self, path: str) -> bool:
+        return any(_within(path, b) for b in self.bound)
+
+    def add(self, path: str, depth: int = 0) -> None:
+        """Make ``path`` (and the symlinks leading to it) visible read-only."""
+        path = os.path.normpath(os.path.abspath(path))
+        if depth > 16 or not os.path.lexists(path):
+            return
+        parts = path.strip("/").split("/")
+        current = ""
+        for i, part in enumerate(parts):
+            current += "/" + part
+            if self._covered(current):
+                if os.path.islink(path):  # a symlink inside a bound dir pointing elsewhere
+                    self.add(os.path.realpath(path), depth + 1)
+                return
+            if os.path.islink(current):
+                target = os.readlink(current)
+                dest = self._dest(current)
+                if not os.path.lexists(dest):
+                    os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+                    os.symlink(target, dest)
+                resolved = os.path.normpath(os.path.join(os.path.dirname(current), target))
+                rest = "/".join(parts[i + 1 :])
+                self.add(os.path.join(resolved, rest) if rest else resolved, depth + 1)
+                return
+        self._bind(path)
+
+    def _bind(self, path: str) -> None:
+        dest = self._dest(path)
+        if os.path.isdir(path):
+            os.makedirs(dest, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+            if not os.path.exists(dest):
+                open(dest, "a").close()  # noqa: SIM115 - a mount point
+        mount(path, dest, None, MS_BIND | MS_REC)
+        mount("none", dest, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        self.bound.append(path)
+
+    def filtered(self, directory: str, allowed: set[str]) -> list[str]:
+        """Show ``directory`` with only the entries that belong to ``allowed`` packages."""
+        directory = os.path.realpath(directory)
+        if not os.path.isdir(directory):
+            return []
+        dest = self._dest(directory)
+        inside_bound = self._covered(directory)
+        entries = [
+            entry
+            for entry in sorted(os.listdir(directory))
+            # no .pth start-up hooks (editable finders point into the project)
+            if not entry.endswith(".pth") and entry.split(".")[0].split("-")[0] in allowed
+        ]
+        if not entries and not inside_bound:
+            return []  # nothing to show: the directory does not exist for snippets
+        if inside_bound:
+            mount("tmpfs", dest, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        else:
+            os.makedirs(dest, mode=0o755, exist_ok=True)
+        shown = []
+        for entry in entries:
+            src = os.path.join(directory, entry)
+            target = dest + "/" + entry
+            if os.path.isdir(src):
+                os.makedirs(target, mode=0o755, exist_ok=True)
+            else:
+                open(target, "a").close()  # noqa: SIM115 - a mount point
+            mount(src, target, None, MS_BIND | MS_REC)
+            mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            shown.append(entry)
+        if inside_bound:
+            mount("none", dest, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        return shown
+
+    def mask(self, directory: str) -> None:
+        """Cover a directory inside a bound one with an empty read-only tmpfs."""
+        directory = os.path.realpath(directory)
+        if os.path.isdir(directory) and self._covered(directory):
+            mount(
+                "tmpfs", self._dest(directory), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k"
+            )
+
+
+def build_root(root: str, allowed: set[str], hidden: list[str]) -> list[str]:
+    """Build the allow-list root at ``root`` (needs a private mount namespace and root).
+
+    Returns the package entries shown. ``hidden`` directories are masked even when they lie
+    inside something allowed.
+    """
+    import sysconfig
+
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
+    builder = RootBuilder(root)
+    for directory in SYSTEM_DIRS:
+        builder.add(directory)
+    for name in ETC_ALLOWED:
+        builder.add(os.path.join("/etc", name))
+    # The interpreter: the executable's symlink chain, a venv's pyvenv.cfg, libpython, stdlib.
+    builder.add(sys.executable)
+    builder.add(os.path.realpath(sys.executable))
+    for prefix in {sys.prefix, sys.base_prefix}:
+        builder.add(os.path.join(prefix, "pyvenv.cfg"))
+        libdir = os.path.join(prefix, "lib")
+        with contextlib.suppress(OSError):
+            for name in os.listdir(libdir):
+                if name.startswith("libpython"):
+                    builder.add(os.path.join(libdir, name))
+    builder.add(sysconfig.get_paths()["stdlib"])
+    for path in sys.path:
+        if path and os.path.isdir(path) and "lib-dynload" in path:
+            builder.add(path)
+    # Shared libraries the warm process has mapped (outside the bound system dirs).
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/") and ".so" in fields[5]:
+                lib = fields[5].strip()
+                if not any(_within(lib, d) for d in python_package_dirs()):
+                    builder.add(lib)
+    shown = []
+    for directory in python_package_dirs():
+        shown += builder.filtered(directory, allowed)
+    for directory in SYSTEM_MASKS:
+        builder.mask(directory)
+    for directory in hidden:
+        builder.mask(directory)
+    # Mount points and the minimal /dev.
+    for path in ("/proc", "/tmp", "/var/tmp", "/dev/shm", "/run/lock", SCRATCH_STAGING, OLD_ROOT):
+        os.makedirs(builder._dest(path), mode=0o755, exist_ok=True)
+    for device in DEVICES:
+        src = f"/dev/{device}"
+        if os.path.exists(src):
+            dest = builder._dest(src)
+            open(dest, "a").close()  # noqa: SIM115 - a mount point
+            mount(src, dest, None, MS_BIND)
+            mount("none", dest, None, MS_REMOUNT | MS_BIND | MS_NOSUID)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, builder._dest(f"/dev/{name}"))
+    mount("none", root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    return shown
+
+
+def enter_root(root: str) -> None:
+    """In a fresh mount namespace: make ``root`` the file system root, drop the old one."""
+    os.chdir(root)
+    pivot_root(".", "." + OLD_ROOT)
+    os.chdir("/")
+    umount(OLD_ROOT, MNT_DETACH)
+
+
+def setup_server_mounts(report: IsolationReport) -> None:
+    """Inside the server's new mount + pid namespace: private propagation, own /proc."""
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     try:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
         report.hidden_proc = report.pid_namespace
     except OSError as exc:
         report.notes.append(f"hidden_proc: {exc}")
-    try:
-        hidden_now = hide_directories(hidden, keep, staging=_staging_dir())
-        report.hidden_home = "/root" in hidden_now or "/home" in hidden_now
-        if hidden_now:
-            report.notes.append("hidden: " + ",".join(hidden_now))
-    except OSError as exc:
-        report.notes.append(f"hidden_home: {exc}")
 
 
-WRITABLE_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+def mount_own_proc() -> None:
+    """A /proc for the caller's pid namespace (zygote: PID 1 of a slot's namespace)."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
 
 
 def setup_kernel_tmp(disk_mb: int) -> None:
-    """In a kernel (before dropping the uid): own mount + ipc namespaces, fresh tmpfs scratch.
+    """In a kernel (before dropping the uid): own mount + ipc namespaces and ONE tmpfs of
+    ``disk_mb`` whose subdirectories are ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
+    ``/run/lock`` (so the quota is shared, not per mount point).
 
-    Everything a snippet writes lands in these tmpfs (the rest of the tree is not writable for
-    its uid) and disappears with its mount namespace when the kernel's processes are gone.
+    Everything a snippet writes lands there (the rest of the tree is read-only) and disappears
+    with its mount namespace when the kernel's processes are gone.
     """
-    unshare(CLONE_NEWNS | CLONE_NEWIPC)  # SysV/POSIX IPC objects also die with the kernel
-    keep = python_paths()  # an interpreter living under /tmp must stay importable
-    for path in WRITABLE_SCRATCH:
-        if os.path.isdir(path):
-            cover_with_tmpfs(
-                os.path.realpath(path), keep, _staging_dir(), f"mode=1777,size={disk_mb}m"
-            )
+    # SysV/POSIX IPC objects die with the kernel; its cgroup paths read as "/".
+    unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP)
+    staging = SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
+    mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={disk_mb}m")
+    for name, target in SCRATCH:
+        if os.path.isdir(target):
+            sub = os.path.join(staging, name)
+            os.mkdir(sub)
+            os.chmod(sub, 0o1777)
+            mount(sub, os.path.realpath(target), None, MS_BIND)
+    umount(staging, MNT_DETACH)
 
 
 # ----------------------------------------------------------------------------- cgroups (v1)
@@ -309,14 +525,39 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-class SlotCgroups:
-    """The memory and pids cgroups of one slot (created once, reused by its kernels)."""
+CONTROLLERS = (
+    ("memory", "cgroup_memory"),
+    ("pids", "cgroup_pids"),
+    ("freezer", "cgroup_freezer"),
+    ("cpu", "cgroup_cpu"),
+)
+CPU_PERIOD_US = 100_000
+SLOT_CPUS = 1  # cores one slot may use at once (its whole process tree)
 
-    def __init__(self, memory_dir: str | None, pids_dir: str | None) -> None:
-        self.memory_dir = memory_dir
-        self.pids_dir = pids_dir
+
+class SlotCgroups:
+    """The cgroups of one slot (created once, reused by its kernels): memory, pids, freezer,
+    cpu. The slot's zygote is a member too (its kernels inherit the membership at fork)."""
+
+    def __init__(self, dirs: dict[str, str]) -> None:
+        self.dirs = dirs
+        self.memory_dir = dirs.get("memory")
+        self.pids_dir = dirs.get("pids")
+        self.freezer_dir = dirs.get("freezer")
+        self.cpu_dir = dirs.get("cpu")
+        self._configured: tuple | None = None
+        if self.cpu_dir:
+            with contextlib.suppress(OSError):
+                _write(f"{self.cpu_dir}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(f"{self.cpu_dir}/cpu.cfs_quota_us", str(CPU_PERIOD_US * SLOT_CPUS))
+        if self.memory_dir:
+            with contextlib.suppress(OSError):  # never swap: exhaustion must end fast
+                _write(f"{self.memory_dir}/memory.swappiness", "0")
 
     def configure(self, memory_mb: int, max_processes: int) -> None:
+        key = (memory_mb, max_processes)
+        if key == self._configured:
+            return
         if self.memory_dir:
             limit = str(memory_mb * 1024 * 1024)
             # memory+swap must stay >= memory: raise it first, set memory, then lower it.
@@ -326,17 +567,17 @@ class SlotCgroups:
             _write(f"{self.memory_dir}/memory.limit_in_bytes", limit)
             with contextlib.suppress(OSError):  # no swap accounting: fine
                 _write(memsw, limit)
-        if self.pids_dir:
-            _write(f"{self.pids_dir}/pids.max", str(max_processes))
+        if self.pids_dir:  # + 1: the zygote
+            _write(f"{self.pids_dir}/pids.max", str(max_processes + 1))
+        self._configured = key
 
     def join(self, pid: int = 0) -> None:
-        """Move ``pid`` (0 = the caller) into both cgroups."""
-        for d in (self.memory_dir, self.pids_dir):
-            if d:
-                _write(f"{d}/cgroup.procs", str(pid or os.getpid()))
+        """Move ``pid`` (0 = the caller) into every cgroup of the slot."""
+        for d in self.dirs.values():
+            _write(f"{d}/cgroup.procs", str(pid or os.getpid()))
 
     def pids(self) -> list[int]:
-        for d in (self.pids_dir, self.memory_dir):
+        for d in (self.pids_dir, self.memory_dir, self.freezer_dir, self.cpu_dir):
             if d:
                 try:
                     with open(f"{d}/cgroup.procs") as f:
@@ -344,6 +585,21 @@ class SlotCgroups:
                 except OSError:
                     return []
         return []
+
+    def freeze(self) -> bool:
+        """Stop every process of the slot (a session between calls). True if frozen."""
+        if not self.freezer_dir:
+            return False
+        try:
+            _write(f"{self.freezer_dir}/freezer.state", "FROZEN")
+            return True
+        except OSError:
+            return False
+
+    def thaw(self) -> None:
+        if self.freezer_dir:
+            with contextlib.suppress(OSError):
+                _write(f"{self.freezer_dir}/freezer.state", "THAWED")
 
     def oom_kills(self) -> int:
         if not self.memory_dir:
@@ -367,10 +623,10 @@ class SlotCgroups:
             return 0
 
     def remove(self) -> None:
-        for d in (self.memory_dir, self.pids_dir):
-            if d:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        self.thaw()
+        for d in self.dirs.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 class CgroupManager:
@@ -381,7 +637,7 @@ class CgroupManager:
     def __init__(self, launcher_pid: int, report: IsolationReport) -> None:
         self.launcher_pid = launcher_pid
         self.bases = {}
-        for controller, attr in (("memory", "cgroup_memory"), ("pids", "cgroup_pids")):
+        for controller, attr in CONTROLLERS:
             base = _own_cgroup_dir(controller)
             if base is None:
                 report.notes.append(f"{attr}: controller not mounted")
@@ -402,7 +658,7 @@ class CgroupManager:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d)
             dirs[controller] = d
-        return SlotCgroups(dirs.get("memory"), dirs.get("pids"))
+        return SlotCgroups(dirs)
 
     @classmethod
     def remove_all(cls, launcher_pid: int, wait_s: float = 3.0) -> bool:
@@ -412,7 +668,7 @@ class CgroupManager:
         deadline = time.monotonic() + wait_s
         while True:
             remaining = 0
-            for controller in ("memory", "pids"):
+            for controller, _ in CONTROLLERS:
                 base = _own_cgroup_dir(controller)
                 if not base or not os.path.isdir(base):
                     continue
@@ -424,6 +680,9 @@ class CgroupManager:
                         for pid in f.read().split():
                             with contextlib.suppress(OSError):
                                 os.kill(int(pid), signal.SIGKILL)
+                    if controller == "freezer":  # a frozen process dies only once thawed
+                        with contextlib.suppress(OSError):
+                            _write(f"{path}/freezer.state", "THAWED")
                     try:
                         os.rmdir(path)
                     except FileNotFoundError:
@@ -440,7 +699,7 @@ class CgroupManager:
 def leftover_cgroups() -> list[str]:
     """All sandbox cgroups that exist now (tests check nothing is left behind)."""
     out = []
-    for controller in ("memory", "pids"):
+    for controller, _ in CONTROLLERS:
         base = _own_cgroup_dir(controller)
         if base and os.path.isdir(base):
             out += [f"{base}/{n}" for n in os.listdir(base) if n.startswith(CgroupManager.PREFIX)]
@@ -478,20 +737,47 @@ def arm_cpu_limit(cpu_s: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (max(1, soft), hard))
 
 
-def apply_rlimits(cpu_s: float, max_file_mb: int, max_processes: int, uid_dropped: bool) -> None:
+def _data_bytes() -> int:
+    """The caller's current data segment (``VmData``: private writable mappings), bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def data_headroom_mb(memory_mb: int) -> int:
+    """How much more address space a kernel may map than it has at start: enough for its
+    memory limit plus thread stacks, small enough that one allocation far beyond the memory
+    limit fails at once with MemoryError instead of paging towards the cgroup limit."""
+    return max(2 * memory_mb, memory_mb + 512)
+
+
+def apply_rlimits(
+    cpu_s: float, max_file_mb: int, max_processes: int, uid_dropped: bool, memory_mb: int = 0
+) -> None:
     hard = cpu_hard_limit(cpu_s)
     resource.setrlimit(resource.RLIMIT_CPU, (min(hard, max(1, int(cpu_s + 0.999))), hard))
     size = max_file_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_mb:
+        data = _data_bytes()
+        if data:
+            limit = data + data_headroom_mb(memory_mb) * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     if uid_dropped:  # ignored for root; counts every process of the (unique) uid
         resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
 
 
 # ----------------------------------------------------------------------------- seccomp
 
-# Syscalls a snippet never needs and that widen the kernel attack surface or would undo the
-# other layers. Everything else is allowed (a deny list keeps numpy/sympy/threads working).
+# Syscalls a snippet never needs and that widen the kernel attack surface, would undo the other
+# layers, or observe other sessions (inotify/fanotify on the shared read-only tree). Everything
+# else is allowed (a deny list keeps numpy/sympy/threads working), with argument rules below.
 DENIED_SYSCALLS = (
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "move_mount", "open_tree",
@@ -503,7 +789,16 @@ DENIED_SYSCALLS = (
     "clock_adjtime", "adjtimex", "iopl", "ioperm", "quotactl", "open_by_handle_at",
     "name_to_handle_at", "lookup_dcookie", "vhangup", "personality", "sethostname",
     "setdomainname", "nfsservctl",
+    "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark",
 )  # fmt: skip
+# Socket families a snippet may create: AF_UNIX (asyncio, multiprocessing), AF_INET(6) (the
+# network namespace is empty). Everything else (AF_VSOCK, AF_NETLINK, AF_PACKET, ...) fails.
+ALLOWED_SOCKET_FAMILIES = (1, 2, 10)
+# File locks work on any file a process can open read-only, so two sessions could signal
+# each other through a lock on a shared library file: flock and the fcntl lock commands
+# (F_GETLK, F_SETLK, F_SETLKW and their OFD variants) fail with ENOLCK.
+FCNTL_LOCK_COMMANDS = (5, 6, 7, 36, 37, 38)
+MAX_SOCKET_FAMILY = 64
 
 
 class _SockFprog(ctypes.Structure):
@@ -528,9 +823,29 @@ class SeccompProgram:
         import pyseccomp
 
         filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        deny = pyseccomp.ERRNO(errno.EPERM)
         for name in DENIED_SYSCALLS:
             with contextlib.suppress(Exception):  # syscall unknown on this architecture
-                filt.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+                filt.add_rule(deny, name)
+        # clone() with any namespace flag (flags are argument 0 on every architecture we
+        # support); clone3() passes its flags in memory a filter cannot read, so it is
+        # refused with ENOSYS, which makes glibc fall back to clone() for threads and fork.
+        for flag in NAMESPACE_CLONE_FLAGS:
+            filt.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+        with contextlib.suppress(Exception):
+            filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+        no_family = pyseccomp.ERRNO(errno.EAFNOSUPPORT)
+        for family in range(MAX_SOCKET_FAMILY):
+            if family not in ALLOWED_SOCKET_FAMILIES:
+                filt.add_rule(no_family, "socket", pyseccomp.Arg(0, pyseccomp.EQ, family))
+        filt.add_rule(no_family, "socket", pyseccomp.Arg(0, pyseccomp.GE, MAX_SOCKET_FAMILY))
+        filt.add_rule(no_family, "socketpair", pyseccomp.Arg(0, pyseccomp.NE, 1))
+        no_lock = pyseccomp.ERRNO(errno.ENOLCK)
+        filt.add_rule(no_lock, "flock")
+        for name in ("fcntl", "fcntl64"):
+            for command in FCNTL_LOCK_COMMANDS:
+                with contextlib.suppress(Exception):  # fcntl64 exists on 32-bit only
+                    filt.add_rule(no_lock, name, pyseccomp.Arg(1, pyseccomp.EQ, command))
         with tempfile.TemporaryFile() as f:
             filt.export_bpf(f)
             f.seek(0)

@@ -1,14 +1,22 @@
-"""What runs inside a forked kernel: lock itself down, then execute snippets like a notebook.
+"""What runs inside a kernel: lock itself down, then execute snippets like a notebook.
 
-A kernel is forked from the warm server, so numpy/sympy are already imported. It first applies
-the per-kernel layers (cgroups, private scratch mounts, rlimits, its own uid, parent-death
-signal, seccomp), then loops: read one code message, run it in a persistent namespace, flush,
-report. A stateless call is a kernel that runs one snippet and is killed; a session is a kernel
-that stays alive between calls.
+A kernel is forked from its slot's zygote (itself forked from the server's clean template, so
+numpy/sympy are already imported and no earlier run's data is in its memory). It first applies
+the per-kernel layers (private scratch mount, rlimits, its own uid, parent-death signal,
+seccomp), tells the server it is ready, then loops: read one code message, run it in a
+persistent namespace, flush, report. A stateless call is a kernel that runs one snippet and
+is killed; a session is a kernel that stays alive (frozen by the server) between calls.
+
+What the server trusts: the readiness record is written before any untrusted code ran; after
+that, every byte on these pipes may have been written by the snippet. The completion record
+is therefore a fixed-size binary claim (never parsed as JSON) that can only say what a
+snippet decides anyway (its exit code, whether it raised MemoryError); the server decides
+timeouts, memory exhaustion, output floods, signals and infrastructure failures from its own
+observations, and believes a completion record only once it sees this loop's main thread
+blocked reading the code pipe again (``/proc/<pid>/syscall``).
 
 File descriptors inside a kernel: 0 = /dev/null (``input()`` sees EOF), 1/2 = output pipes to
-the server, 3 = code from the server, 4 = completion messages to the server. Nothing else is
-open (in particular not the server's pipe to the host).
+the server, 3 = code from the server, 4 = records to the server. Nothing else is open.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import io
 import linecache
 import os
 import signal
+import struct
 import sys
 import traceback
 
@@ -27,17 +36,25 @@ from . import isolation, protocol
 CODE_FD = 3
 DONE_FD = 4
 
+# Records on DONE_FD: tag, cell sequence number, value, flags (16 bytes, big-endian).
+RECORD = struct.Struct(">4siii")
+READY = b"ALPr"  # set-up finished (trusted: written before any code arrived)
+SETUP_FAILED = b"ALPs"  # set-up failed; followed by `value` bytes of diagnostic text
+DONE = b"ALPd"  # a cell finished: value = exit code (a claim by untrusted code)
+FLAG_MEMORY_ERROR = 1
+MAX_SETUP_TEXT = 1000
+SETUP_EXIT = 70
+
 
 class KernelSetup:
-    """Everything the child needs to lock itself down (built by the server before forking)."""
+    """Everything the child needs to lock itself down (sent by the server to the zygote)."""
 
-    def __init__(self, *, uid, cgroups, seccomp_filter, private_tmp, limits, server_pid):
+    def __init__(self, *, uid, seccomp_filter, private_tmp, limits, parent_pid):
         self.uid = uid  # None: do not drop
-        self.cgroups = cgroups
         self.seccomp_filter = seccomp_filter  # None: no seccomp
         self.private_tmp = private_tmp
         self.limits = limits
-        self.server_pid = server_pid
+        self.parent_pid = parent_pid
 
 
 def _install_fds(stdout_w: int, stderr_w: int, code_r: int, done_w: int) -> None:
@@ -51,25 +68,29 @@ def _install_fds(stdout_w: int, stderr_w: int, code_r: int, done_w: int) -> None
 
 def _lock_down(setup: KernelSetup) -> None:
     limits = setup.limits
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
-    if setup.cgroups is not None:
-        setup.cgroups.join()
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("0")  # the zygote protects itself from the OOM killer; a kernel must not
     if setup.private_tmp:
         isolation.setup_kernel_tmp(limits.max_disk_mb)
-        os.chdir("/tmp")
-    else:
-        os.chdir("/tmp")
+    os.chdir("/tmp")
     isolation.apply_rlimits(
-        limits.cpu_s, limits.max_file_mb, limits.max_processes, setup.uid is not None
+        limits.cpu_s,
+        limits.max_file_mb,
+        limits.max_processes,
+        setup.uid is not None,
+        limits.memory_mb,
     )
     if setup.uid is not None:
         isolation.drop_privileges(setup.uid)
-        os.environ["HOME"] = "/tmp"
-    # setuid cleared any parent-death signal: set it now, then make sure the server did not
+    os.environ["HOME"] = "/tmp"
+    # setuid cleared any parent-death signal: set it now, then make sure the zygote did not
     # die in between (we would have been re-parented and missed the signal).
     isolation.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != setup.server_pid:
+    if os.getppid() != setup.parent_pid:
         os._exit(1)
     if setup.seccomp_filter is not None:
         setup.seccomp_filter.load()
@@ -97,10 +118,10 @@ def _print_exception(exc: BaseException, tb) -> None:
     sys.stderr.write(text)
 
 
-def _run_cell(code: str, filename: str, namespace: dict) -> dict:
-    """Execute one cell; returns the completion message for the server."""
+def _run_cell(code: str, filename: str, namespace: dict) -> tuple[int, int]:
+    """Execute one cell; returns (exit code, flags) for the completion record."""
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    exit_code, exc_name = 0, None
+    exit_code, flags = 0, 0
     try:
         compiled = compile(code, filename, "exec", dont_inherit=True)
         exec(compiled, namespace)
@@ -114,13 +135,20 @@ def _run_cell(code: str, filename: str, namespace: dict) -> dict:
             sys.stderr.write(f"{code_value}\n")
             exit_code = 1
     except BaseException as exc:  # the snippet's error, reported like the interpreter does
-        exc_name = type(exc).__name__
+        flags = FLAG_MEMORY_ERROR if isinstance(exc, MemoryError) else 0
         exit_code = 1
-        _print_exception(exc, exc.__traceback__)
+        with contextlib.suppress(BaseException):
+            _print_exception(exc, exc.__traceback__)
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed/replaced stream is the snippet's business
+        with contextlib.suppress(BaseException):  # a closed/replaced stream is the snippet's
             stream.flush()
-    return {"exit": exit_code, "exc": exc_name}
+    return max(-(2**31), min(2**31 - 1, exit_code)), flags
+
+
+def _write_record(tag: bytes, seq: int, value: int, flags: int = 0, text: bytes = b"") -> None:
+    data = memoryview(RECORD.pack(tag, seq, value, flags) + text)
+    while data:
+        data = data[os.write(DONE_FD, data) :]
 
 
 def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
@@ -129,21 +157,29 @@ def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
         _install_fds(*fds)
         _lock_down(setup)
         _fresh_streams()
+        _write_record(READY, 0, 0)
     except BaseException as exc:  # noqa: BLE001 - report any set-up failure to the server
         try:
-            protocol.write_message(DONE_FD, {"setup_error": f"{type(exc).__name__}: {exc}"})
+            text = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:MAX_SETUP_TEXT]
+            _write_record(SETUP_FAILED, 0, len(text), 0, text)
         finally:
-            os._exit(70)
+            os._exit(SETUP_EXIT)
+    # The sandbox's own modules stay loaded (this loop runs in them) but are not offered to
+    # the snippet's imports; neither is the seccomp binding.
+    for name in [n for n in sys.modules if n.split(".")[0] in ("sandbox", "pyseccomp")]:
+        del sys.modules[name]
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     while True:
         try:
             message = protocol.read_message(CODE_FD)
-        except protocol.ProtocolError:
+        except (protocol.ProtocolError, OSError):
             os._exit(0)
         with contextlib.suppress(OSError, ValueError):
             isolation.arm_cpu_limit(setup.limits.cpu_s)
-        done = _run_cell(message["code"], message.get("filename", "<snippet>"), namespace)
+        exit_code, flags = _run_cell(
+            message["code"], message.get("filename", "<snippet>"), namespace
+        )
         try:
-            protocol.write_message(DONE_FD, done)
+            _write_record(DONE, int(message.get("seq", 0)), exit_code, flags)
         except OSError:
             os._exit(0)

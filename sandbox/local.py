@@ -51,8 +51,20 @@ SCRUBBED_ENV = {
 }
 
 STARTUP_TIMEOUT_S = 120.0
+# Larger code is refused before it reaches a server (the request channel carries at most
+# protocol.MAX_MESSAGE_BYTES; a bigger request would cost the worker and every session on it).
+MAX_CODE_BYTES = 16 * 1024 * 1024
 # Extra seconds the host waits beyond a snippet's timeout before declaring the server hung.
 HOST_GRACE_S = 10.0
+
+
+def _too_large(code: str) -> ExecutionResult | None:
+    """An ``error`` result for code over MAX_CODE_BYTES (scored like any failing snippet)."""
+    size = len(code.encode("utf-8", "surrogatepass"))
+    if size <= MAX_CODE_BYTES:
+        return None
+    message = f"ValueError: the code is {size} bytes; at most {MAX_CODE_BYTES} are accepted\n"
+    return ExecutionResult("", message, "error", 1, 0.0, False)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -362,6 +374,9 @@ class LocalSandbox:
     def run(self, code: str, limits: Limits | None = None) -> ExecutionResult:
         """Run ``code`` in a fresh isolated process; nothing survives the call."""
         limits = limits or self.limits
+        refused = _too_large(code)
+        if refused is not None:
+            return refused
         worker = self._acquire()
         start = time.monotonic()
         try:
@@ -455,14 +470,31 @@ class Session:
         """Run ``code`` in this session's namespace (variables, imports and functions persist)."""
         if self._closed:
             raise RuntimeError("this session is closed")
+        refused = _too_large(code)
+        if refused is not None:
+            return refused
         if self._worker is None:
             self.open()
         worker = self.sandbox._acquire(self._worker)
         start = time.monotonic()
         try:
             note = ""
+            if self._kid is not None and (
+                worker.process is None or worker.process.poll() is not None
+            ):
+                worker.restart()  # notice a dead server before asking it about our kernel
             if self._kid is not None and self._generation != worker.generation:
-                self._kid, self._lost_state = None, True  # the server was restarted
+                # The server was restarted (not by this session's call): our infrastructure
+                # lost the state. Running the code in a fresh namespace would score a
+                # NameError against the policy; this call is a sandbox_error instead, and the
+                # next one starts a fresh process.
+                self._kid, self._lost_state = None, False
+                self.restarts += 1
+                return ExecutionResult.infrastructure_error(
+                    "the sandbox server was restarted and this session's state was lost "
+                    "(the code was not run)",
+                    time.monotonic() - start,
+                )
             if self._kid is None:
                 if not self._open_kernel():
                     return ExecutionResult.infrastructure_error(

@@ -6,15 +6,19 @@ Start-up (``python -m sandbox.server --request-fd R --reply-fd W``), in order:
    PID 1 of the new pid namespace and becomes the server, the parent (the "launcher") only
    waits for it and removes the server's cgroups afterwards, even if the server was killed;
 2. pre-import numpy, sympy and the stdlib modules math code uses, and warm them up;
-3. mount a private ``/proc`` (hidepid) and hide home directories and the caller's directory;
-4. probe the per-kernel layers end to end with a real kernel (uid drop + lazy imports, seccomp,
-   cgroups) and keep only those that work;
-5. ``gc.freeze()`` so forked kernels share the warm heap copy-on-write without GC touching it;
+3. mount a private ``/proc`` (hidepid) and build the read-only allow-list root for kernels;
+4. ``gc.freeze()``, then fork the clean *template* (see zygote.py): it never handles a
+   request, and every kernel descends from it, never from the server;
+5. probe the per-kernel layers end to end with a real kernel (uid drop + lazy imports, seccomp,
+   cgroups, allow-list root) and keep only those that work;
 6. say hello to the host with the isolation report, then serve requests one at a time.
 
 Requests (JSON, see protocol.py): ``run`` (a stateless snippet: fork a kernel, run, kill),
 ``open`` / ``exec`` / ``close`` (sessions), ``ping``. The server must keep working whatever a
-snippet does; its environment is the scrubbed one the host started it with.
+snippet does: nothing a kernel writes is parsed beyond a fixed-size record, every failure is
+confined to the run that caused it, and the status of a run comes from what the server
+observed itself (its timers, the exit status reported by the zygote, cgroup counters, the
+output it counted). Its environment is the scrubbed one the host started it with.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import sys
 import time
 
 from . import isolation, protocol
-from .kernel import KernelSetup, kernel_main
+from . import zygote as zyg
+from .kernel import CODE_FD, DONE, FLAG_MEMORY_ERROR, READY, RECORD, SETUP_FAILED
 from .limits import Limits
 from .result import HeadTailBuffer
 
@@ -68,12 +73,17 @@ PREIMPORTED = [
 ]
 
 PROBE_CODE = """
-import os, xml.dom.minidom  # a module the server did not pre-import: lazy imports must work
+import os, json, xml.dom.minidom  # a module the server did not pre-import: lazy imports work
 status = open('/proc/self/status').read()
-seccomp = status.split('Seccomp:')[1].split()[0]
-cgroups = open('/proc/self/cgroup').read()
-print(os.getuid(), seccomp, 'alp-sandbox-' in cgroups)
+print(json.dumps({
+    "uid": os.getuid(),
+    "seccomp": status.split('Seccomp:')[1].split()[0],
+    "cgroup_hidden": 'alp-sandbox-' not in open('/proc/self/cgroup').read(),
+    "sys_hidden": not os.path.exists('/sys/fs/cgroup'),
+}))
 """
+SETUP_DEADLINE_S = 20.0  # a kernel that is not ready by then is an infrastructure failure
+STATUS_WAIT_S = 5.0  # how long to wait for the zygote's report of a kernel's exit status
 
 
 def preimport() -> None:
@@ -93,20 +103,122 @@ def preimport() -> None:
     sp.integrate(x**2, x)
 
 
-class Kernel:
-    """The server's handle on one forked kernel."""
+class TemplateGone(Exception):  # noqa: N818 - not an error of a run: the worker must restart
+    """The clean template died. A new one forked now would come from a server that has held
+    requests, so the server gives up and the host restarts the worker."""
 
-    def __init__(self, kid, pid, slot, uid, cgroups, code_w, done_r, out_r, err_r, limits):
-        self.kid, self.pid, self.slot, self.uid = kid, pid, slot, uid
-        self.cgroups = cgroups
-        self.code_w, self.done_r, self.out_r, self.err_r = code_w, done_r, out_r, err_r
+
+class Zygote:
+    """The server's handle on one slot's zygote."""
+
+    def __init__(self, slot: int, pid: int, sock: socket.socket, state: dict) -> None:
+        self.slot, self.pid, self.sock, self.state = slot, pid, sock, state
+        self.exits: dict[int, int] = {}  # kernel pid (zygote's view) -> wait status
+        self.alive = True
+
+
+class Kernel:
+    """The server's handle on one kernel."""
+
+    def __init__(self, kid, pid, local_pid, pidfd, slot, uid, cgroups, zygote, fds, limits):
+        self.kid, self.pid, self.local_pid, self.pidfd = kid, pid, local_pid, pidfd
+        self.slot, self.uid, self.cgroups, self.zygote = slot, uid, cgroups, zygote
+        self.code_w, self.done_r, self.out_r, self.err_r = fds
         self.limits = limits
-        self.pidfd = os.pidfd_open(pid)
         self.wait_status: int | None = None
+        self.ready = False  # its readiness record was read (before any code was sent)
+        self.frozen = False
         self.cells = 0
+        self.seq = 0  # cells sent; completion records carry it
 
     def fds(self):
         return (self.code_w, self.done_r, self.out_r, self.err_r, self.pidfd)
+
+
+def _poll(readers, writers, timeout: float) -> tuple[set[int], set[int]]:
+    """poll(2) on descriptors (select(2) breaks above fd 1023, sessions open many)."""
+    poller = select.poll()
+    for fd in readers:
+        poller.register(fd, select.POLLIN)
+    for fd in writers:
+        poller.register(fd, select.POLLOUT | (select.POLLIN if fd in readers else 0))
+    ready_r, ready_w = set(), set()
+    readable = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    for fd, events in poller.poll(max(0.0, timeout) * 1000):
+        if events & readable and fd in readers:
+            ready_r.add(fd)
+        if events & (select.POLLOUT | select.POLLERR | select.POLLHUP) and fd in writers:
+            ready_w.add(fd)
+    return ready_r, ready_w
+
+
+# The main thread of a kernel that finished its cell is blocked in read(CODE_FD, ...): the
+# server checks that in /proc/<pid>/syscall ("<number> <fd> ..."). Where the file or the
+# syscall number is unknown, the claim is taken as it is (the freezer still bounds it).
+_READ_SYSCALL = {"x86_64": "0", "aarch64": "63", "riscv64": "63", "ppc64le": "3", "s390x": "3"}
+IDLE_RECHECK_S = 0.0002
+
+
+IDLE_SPINS = 20  # checks (yielding the CPU in between) before sleeping
+
+
+def _code_read_state(pid: int) -> bool | None:
+    """True if the kernel's main thread is blocked reading the code pipe, False if not (yet),
+    None if this cannot be seen here (no /proc/<pid>/syscall access, unknown architecture)."""
+    number = _READ_SYSCALL.get(os.uname().machine)
+    if number is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != number:
+        return False
+    return len(fields) > 1 and int(fields[1], 16) == CODE_FD
+
+
+def _waiting_for_code(pid: int, spins: int = 1) -> bool:
+    """Whether the kernel's main thread is blocked reading the code pipe. The kernel gets
+    there microseconds after its record, so the first checks yield the CPU to it. Where this
+    cannot be seen, the claim is believed (``verified_completion`` is then off)."""
+    for attempt in range(spins):
+        state = _code_read_state(pid)
+        if state is not False:
+            return state is None or state
+        if attempt + 1 < spins:
+            os.sched_yield()
+    return False
+
+
+def _in_slot_cgroups(pid: int) -> bool:
+    """Whether ``pid`` (a zygote; its kernels inherit) is in a slot cgroup, seen from here."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return isolation.CgroupManager.PREFIX in f.read()
+    except OSError:
+        return False
+
+
+def _pid_of_pidfd(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError("no Pid in the pidfd's fdinfo")
+
+
+def _parse_claim(record: bytes, seq: int) -> tuple[int, int] | None | bool:
+    """Scan completion records: (exit code, flags) of the one for cell ``seq``; None while
+    there is none yet (records of earlier cells are stale and skipped); False when the bytes
+    are not records at all (the snippet wrote garbage on the descriptor: fail closed)."""
+    for offset in range(0, len(record) - RECORD.size + 1, RECORD.size):
+        tag, number, value, flags = RECORD.unpack_from(record, offset)
+        if tag != DONE:
+            return False
+        if number == seq:
+            return value, flags
+    return None
 
 
 class Server:
@@ -127,12 +239,128 @@ class Server:
         self.free_slots = list(range(isolation.SLOTS_PER_SERVER - 1, -1, -1))
         self.kernels: dict[int, Kernel] = {}
         self.slot_cgroups: dict[int, isolation.SlotCgroups] = {}
+        self.zygotes: dict[int, Zygote] = {}
         self.next_kid = 1
         self.spare: Kernel | None = None
         self.spare_limits: Limits | None = None
-        self.after_reply: list[Kernel] = []
-        self.dying: dict[int, Kernel] = {}  # killed, not yet reaped (pid -> kernel)
+        self.after_reply: list[Kernel] = []  # stateless kernels: killed after the reply
+        self.to_freeze: list[Kernel] = []  # session kernels: frozen after the reply
         self.draining: list[Kernel] = []  # killed; their slot is free once it is empty
+        self.template_sock: socket.socket | None = None
+        self.template_pid: int | None = None
+        self.template_options: dict = {}
+
+    # -------------------------------------------------------------- template and zygotes
+
+    def start_template(self, options: dict) -> None:
+        """Fork the clean template (call before handling any request; see zygote.py)."""
+        self.stop_template()
+        self.template_options = dict(options)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                zyg.template_main(theirs, options, self.seccomp_filter)
+            finally:
+                os._exit(70)
+        theirs.close()
+        self.template_sock, self.template_pid = ours, pid
+        hello, _ = self._receive(ours, time.monotonic() + SETUP_DEADLINE_S)
+        if not hello or not hello.get("hello"):
+            raise TemplateGone("the template did not start")
+        if options.get("root") and not hello.get("root"):
+            self.report.file_allowlist = False
+            self.report.notes.append(hello.get("note") or "file_allowlist: not entered")
+        self.report.clean_template = True
+
+    def stop_template(self) -> None:
+        """Kill the template; its zygotes and their kernels die with it."""
+        if self.template_pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.template_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.template_pid, 0)
+        if self.template_sock is not None:
+            self.template_sock.close()
+        for z in self.zygotes.values():
+            z.alive = False
+            with contextlib.suppress(OSError):
+                z.sock.close()
+        self.zygotes = {}
+        self.template_sock = self.template_pid = None
+
+    def _receive(self, sock: socket.socket, deadline: float) -> tuple[dict | None, list[int]]:
+        """One message by the deadline; (None, []) on timeout, ({}, []) when the peer is
+        gone."""
+        remaining = deadline - time.monotonic()
+        ready, _ = _poll([sock.fileno()], [], remaining)
+        if not ready:
+            return None, []
+        message, fds = zyg.recv(sock)
+        return ({}, fds) if message is None else (message, fds)
+
+    def _zygote(self, slot: int, cgroups: isolation.SlotCgroups | None) -> Zygote:
+        z = self.zygotes.get(slot)
+        while z is not None and z.alive:  # file its reports; notice if it is gone
+            message, _ = self._pump(z, time.monotonic(), want_reply=False)
+            if message is None:
+                break
+        if z is not None and z.alive:
+            return z
+        if self.template_sock is None:
+            raise TemplateGone("no template process")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            zyg.send(self.template_sock, {"op": "zygote"}, [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise TemplateGone(f"the template is gone: {exc}") from exc
+        finally:
+            theirs.close()
+        deadline = time.monotonic() + SETUP_DEADLINE_S
+        reply, fds = self._receive(self.template_sock, deadline)
+        for fd in fds:
+            os.close(fd)
+        if not reply or "pid" not in reply:
+            ours.close()
+            raise TemplateGone(f"the template did not fork a zygote: {reply}")
+        hello, fds = self._receive(ours, deadline)
+        for fd in fds:
+            os.close(fd)
+        if not hello or not hello.get("hello"):
+            ours.close()
+            with contextlib.suppress(OSError):
+                os.kill(reply["pid"], signal.SIGKILL)
+            raise RuntimeError("a zygote did not start")
+        z = Zygote(slot, reply["pid"], ours, hello)
+        if cgroups is not None:
+            cgroups.join(z.pid)  # its kernels are born in the slot's cgroups
+        self.zygotes[slot] = z
+        return z
+
+    def _pump(self, z: Zygote, deadline: float, want_reply: bool):
+        """Read the zygote's messages until a reply (want_reply) or the deadline; exit
+        reports are filed on the way. Returns (reply, fds) or (None, [])."""
+        while z.alive:
+            message, fds = self._receive(z.sock, deadline)
+            if message is None:
+                return None, []  # the deadline passed
+            if not message:
+                z.alive = False  # the zygote is gone
+                for fd in fds:
+                    os.close(fd)
+                return None, []
+            if "exit" in message:
+                z.exits[int(message["exit"])] = int(message["status"])
+                if not want_reply:
+                    return message, fds
+                continue
+            if want_reply:
+                return message, fds
+            for fd in fds:
+                os.close(fd)
+        return None, []
 
     # -------------------------------------------------------------- kernels
 
@@ -142,36 +370,61 @@ class Server:
         if not self.free_slots:
             raise RuntimeError("no free slot (too many open sessions on this worker)")
         slot = self.free_slots.pop()
+        try:
+            return self._spawn_in(slot, limits)
+        except BaseException:
+            self.free_slots.append(slot)
+            raise
+
+    def _spawn_in(self, slot: int, limits: Limits) -> Kernel:
         cgroups = None
         if self.cgroup_manager.bases:
             cgroups = self.slot_cgroups.get(slot) or self.cgroup_manager.slot(slot)
             self.slot_cgroups[slot] = cgroups
             cgroups.configure(limits.memory_mb, limits.max_processes)
+        z = self._zygote(slot, cgroups)
         uid = isolation.slot_uid(self.launcher_pid, slot) if self.report.uid_drop else None
         code_r, code_w = os.pipe()
         done_r, done_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        setup = KernelSetup(
-            uid=uid,
-            cgroups=cgroups,
-            seccomp_filter=self.seccomp_filter if self.report.seccomp else None,
-            private_tmp=self.report.private_tmp,
-            limits=limits,
-            server_pid=os.getpid(),
-        )
-        pid = os.fork()
-        if pid == 0:
-            try:
-                kernel_main(setup, (out_w, err_w, code_r, done_w))
-            finally:
-                os._exit(70)
+        request = {
+            "op": "spawn",
+            "uid": uid,
+            "seccomp": bool(self.report.seccomp and self.seccomp_filter is not None),
+            "private_tmp": self.report.private_tmp,
+            "limits": limits.to_dict(),
+        }
+        try:
+            zyg.send(z.sock, request, [out_w, err_w, code_r, done_w])
+        except OSError as exc:
+            z.alive = False
+            for fd in (code_r, code_w, done_r, done_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise RuntimeError(f"the slot's zygote is gone: {exc}") from exc
         for fd in (code_r, done_w, out_w, err_w):
             os.close(fd)
-        for fd in (done_r, out_r, err_r):
+        reply, fds = self._pump(z, time.monotonic() + SETUP_DEADLINE_S, want_reply=True)
+        if not reply or "pid" not in reply or len(fds) != 1:
+            for fd in (*fds, code_w, done_r, out_r, err_r):
+                os.close(fd)
+            raise RuntimeError(f"the zygote did not fork a kernel: {reply}")
+        pidfd = fds[0]
+        pid = _pid_of_pidfd(pidfd)
+        z.exits.pop(int(reply["pid"]), None)  # a stale report for an earlier kernel's pid
+        for fd in (code_w, done_r, out_r, err_r):
             os.set_blocking(fd, False)
         kernel = Kernel(
-            self.next_kid, pid, slot, uid, cgroups, code_w, done_r, out_r, err_r, limits
+            self.next_kid,
+            pid,
+            int(reply["pid"]),
+            pidfd,
+            slot,
+            uid,
+            cgroups,
+            z,
+            (code_w, done_r, out_r, err_r),
+            limits,
         )
         self.next_kid += 1
         self.kernels[kernel.kid] = kernel
@@ -180,18 +433,15 @@ class Server:
     def _alive(self, kernel: Kernel) -> bool:
         if kernel.wait_status is not None:
             return False
-        try:
-            pid, status = os.waitpid(kernel.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = kernel.pid, 0
-        if pid:
-            kernel.wait_status = status
-            return False
-        return True
+        with contextlib.suppress(OSError, ValueError):
+            ready, _ = _poll([kernel.pidfd], [], 0)
+            return not ready
+        return False
 
     def _slot_pids(self, kernel: Kernel) -> list[int]:
+        """Processes of the kernel's slot (its zygote excluded)."""
         if kernel.cgroups is not None:
-            return kernel.cgroups.pids()
+            return [p for p in kernel.cgroups.pids() if p != kernel.zygote.pid]
         if kernel.uid is None:
             return []
         pids = []
@@ -203,39 +453,34 @@ class Server:
         return pids
 
     def reap_orphans(self) -> None:
-        """PID 1 duty: collect re-parented grandchildren, remember our kernels' statuses."""
+        """PID 1 duty (only the template is our child; the zygotes reap the slots)."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            kernel = self.dying.pop(pid, None) or self._by_pid.get(pid)
-            if kernel is not None:
-                kernel.wait_status = status
-
-    @property
-    def _by_pid(self) -> dict[int, Kernel]:
-        return {k.pid: k for k in self.kernels.values()}
 
     def kill(self, kernel: Kernel) -> None:
         """SIGKILL the kernel and everything it started, without waiting for them to exit.
 
         Every process listed in the slot is signalled until no new one appears; a process
         with a pending SIGKILL cannot fork any more, so this converges even for fork bombs.
+        A frozen slot is thawed after the signals, so its processes die without running.
         The slot is reused only once it is empty (see ``_reclaim_slots``).
         """
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(kernel.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(kernel.pidfd, signal.SIGKILL)
         self._kill_slot(kernel)
+        if kernel.cgroups is not None:
+            kernel.cgroups.thaw()
+        kernel.frozen = False
         for fd in kernel.fds():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.kernels.pop(kernel.kid, None)
-        if kernel.wait_status is None:
-            self.dying[kernel.pid] = kernel
-        self.draining.append(kernel)
+        if self.kernels.pop(kernel.kid, None) is not None:
+            self.draining.append(kernel)
 
     def _kill_slot(self, kernel: Kernel) -> list[int]:
         signalled: set[int] = set()
@@ -249,13 +494,15 @@ class Server:
             signalled.update(fresh)
 
     def _reclaim_slots(self, wait_s: float = 0.0) -> None:
-        """Return drained slots (no process left) to the free list."""
+        """Return drained slots (no process left but the zygote) to the free list."""
         deadline = time.monotonic() + wait_s
         while self.draining:
             still = []
             for kernel in self.draining:
-                if self._slot_pids(kernel):
+                if kernel.zygote.alive and self._slot_pids(kernel):
                     self._kill_slot(kernel)
+                    if kernel.cgroups is not None:
+                        kernel.cgroups.thaw()
                     still.append(kernel)
                 else:
                     self.free_slots.append(kernel.slot)
@@ -265,115 +512,194 @@ class Server:
                 return
             time.sleep(0.002)
 
-    def execute(self, kernel: Kernel, code: str, limits: Limits, filename: str) -> dict:
+    def _wait_status(self, kernel: Kernel) -> int | None:
+        """The kernel's wait status as the zygote (its parent) reported it."""
+        if kernel.wait_status is None:
+            deadline = time.monotonic() + STATUS_WAIT_S
+            z = kernel.zygote
+            while kernel.local_pid not in z.exits and z.alive and time.monotonic() < deadline:
+                self._pump(z, deadline, want_reply=False)
+            kernel.wait_status = z.exits.pop(kernel.local_pid, None)
+        return kernel.wait_status
+
+    def _await_ready(self, kernel: Kernel, deadline: float) -> str | None:
+        """Read the readiness record (written before any code was sent, so trusted).
+        Returns None when ready, else what went wrong."""
+        record = b""
+        while len(record) < RECORD.size:
+            ready, _ = _poll([kernel.done_r, kernel.pidfd], [], deadline - time.monotonic())
+            if not ready:
+                return "the kernel did not become ready in time"
+            if kernel.done_r in ready:
+                chunk = _read_some(kernel.done_r)
+                if chunk == b"":
+                    break
+                record += chunk or b""
+            elif kernel.pidfd in ready:
+                record += _read_some(kernel.done_r) or b""
+                break
+        if len(record) < RECORD.size:
+            return "the kernel died while setting up"
+        tag, _, value, _ = RECORD.unpack_from(record)
+        if tag == READY and len(record) == RECORD.size:
+            kernel.ready = True
+            return None
+        if tag == SETUP_FAILED:
+            text = record[RECORD.size : RECORD.size + max(0, min(value, 1000))]
+            return f"kernel set-up failed: {text.decode('utf-8', 'replace')}"
+        return "the kernel's readiness record was malformed"
+
+    def execute(
+        self, kernel: Kernel, code: str, limits: Limits, filename: str, oneshot: bool
+    ) -> dict:
         """Run one cell in ``kernel``; returns an ExecutionResult dict. Kills the kernel on
-        timeout, output flood or death (the caller decides about the healthy case)."""
+        timeout, output flood, malformed record or death; freezes a session's kernel once
+        its cell is done."""
         out = HeadTailBuffer(limits.max_output_bytes)
         err = HeadTailBuffer(limits.max_output_bytes)
-        # Discard what background threads left over, and any completion message a previous
-        # cell forged or left behind, so this cell's answer is read in step.
+        start = time.monotonic()
+        if not kernel.ready:
+            problem = self._await_ready(kernel, start + SETUP_DEADLINE_S)
+            if problem is not None:
+                self.kill(kernel)
+                return _result(out, err, "sandbox_error", None, time.monotonic() - start, problem)
+        # Discard what background threads left over, and any record an earlier cell forged.
         for fd in (kernel.out_r, kernel.err_r, kernel.done_r):
             _drain(fd, None)
-        oom_before = kernel.cgroups.oom_kills() if kernel.cgroups else 0
-        fail_before = kernel.cgroups.failcnt() if kernel.cgroups else 0
+        cgroups = kernel.cgroups
+        oom_before = cgroups.oom_kills() if cgroups else 0
+        fail_before = cgroups.failcnt() if cgroups else 0
         start = time.monotonic()
         deadline = start + limits.timeout_s
-        done = None
+        kernel.seq += 1
+        message = {"code": code, "filename": filename, "oneshot": oneshot, "seq": kernel.seq}
+        payload = protocol.encode(message)
+        pending = memoryview(payload)
+        if kernel.frozen and cgroups is not None:
+            # Queue the code first, then thaw: the kernel wakes once, with its cell there.
+            with contextlib.suppress(BlockingIOError, OSError):
+                pending = pending[os.write(kernel.code_w, pending[: 1 << 16]) :]
+            cgroups.thaw()
+            kernel.frozen = False
+        readers = {kernel.out_r, kernel.err_r, kernel.done_r, kernel.pidfd}
+        record = bytearray()
         verdict = None
-        with contextlib.suppress(OSError):  # a dead kernel: its exit status tells why
-            protocol.write_message(kernel.code_w, {"code": code, "filename": filename})
-        watch = [kernel.out_r, kernel.err_r, kernel.done_r, kernel.pidfd]
-        done_buffer = b""
-        while done is None and verdict is None:
+        claim = None
+        recheck = IDLE_RECHECK_S
+        while verdict is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 verdict = "timeout"
                 break
-            ready, _, _ = select.select(watch, [], [], remaining)
-            if kernel.out_r in ready:
-                _drain(kernel.out_r, out)
-            if kernel.err_r in ready:
-                _drain(kernel.err_r, err)
+            if claim:
+                # A completion claim counts only once the server sees the kernel's main
+                # thread waiting for the next cell (blocked reading the code pipe): a claim
+                # written while the snippet goes on computing does not end the call.
+                if _waiting_for_code(kernel.pid, spins=IDLE_SPINS):
+                    verdict = "done"
+                    break
+                remaining = min(remaining, recheck)
+                recheck = min(recheck * 2, 0.02)
+            ready, writable = _poll(readers, [kernel.code_w] if pending else [], remaining)
+            if writable:
+                try:
+                    pending = pending[os.write(kernel.code_w, pending[: 1 << 16]) :]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pending = pending[:0]  # the kernel closed its end: its exit tells why
+            for fd, sink in ((kernel.out_r, out), (kernel.err_r, err)):
+                if fd in ready and _drain(fd, sink):
+                    readers.discard(fd)  # end of file: never poll it again
             if out.total + err.total > limits.max_output_bytes:
                 verdict = "output_limit"
                 break
             if kernel.done_r in ready:
                 chunk = _read_some(kernel.done_r)
-                done_buffer += chunk or b""
-                parsed = _parse_done(done_buffer)
-                if parsed is not None:
-                    done = parsed
-                elif not chunk:
-                    watch.remove(kernel.done_r)
-            if kernel.pidfd in ready and done is None:
-                verdict = "died"
+                if chunk == b"":
+                    readers.discard(kernel.done_r)
+                elif chunk:
+                    if len(record) < 1 << 16:
+                        record += chunk
+                    claim = _parse_claim(record, kernel.seq)
+                    if claim is False:
+                        verdict = "malformed"
+            if kernel.pidfd in ready:
+                verdict = "exited"
         duration = time.monotonic() - start
-        if verdict is not None:
+        if verdict in ("timeout", "output_limit", "malformed"):
             self.kill(kernel)
+        elif verdict == "done" and cgroups is not None and not oneshot:
+            # Nothing of the session runs between calls: frozen right after the reply is
+            # written (tidy), before the server reads its next request.
+            self.to_freeze.append(kernel)
         _drain(kernel.out_r, out)
         _drain(kernel.err_r, err)
-        status, exit_code = self._classify(kernel, done, verdict, oom_before, fail_before)
-        if done is not None and "setup_error" in done:
-            status, exit_code = "sandbox_error", None
-            err.write(f"sandbox error: kernel set-up failed: {done['setup_error']}\n".encode())
-        if status == "timeout":
-            err.write(
-                f"TimeoutError: the snippet exceeded its {limits.timeout_s:g} s limit\n".encode()
-            )
-        elif status == "memory" and done is None:
-            err.write(
-                f"MemoryError: the snippet exceeded its {limits.memory_mb} MB limit\n".encode()
-            )
+        wait_status = self._wait_status(kernel) if verdict == "exited" else None
+        status, exit_code = self._classify(
+            kernel,
+            verdict,
+            claim,
+            _parse_claim(bytes(record), kernel.seq),
+            wait_status,
+            oom_before,
+            fail_before,
+        )
+        note = None
+        if verdict == "malformed":
+            note = "[sandbox] malformed completion record from the snippet; the run was stopped"
+        elif status == "sandbox_error":
+            note = "sandbox error: the kernel's exit status was not reported"
+        elif status == "timeout":
+            note = f"TimeoutError: the snippet exceeded its {limits.timeout_s:g} s limit"
+        elif status == "memory" and (exit_code is None or exit_code < 0):
+            note = f"MemoryError: the snippet exceeded its {limits.memory_mb} MB limit"
         elif status == "output_limit":
-            err.write(
-                f"\n[output exceeded {limits.max_output_bytes} bytes; the snippet was stopped]\n".encode()
-            )
+            note = f"\n[output exceeded {limits.max_output_bytes} bytes; the snippet was stopped]"
         elif status == "killed" and exit_code is not None and exit_code < 0:
             name = (
                 signal.Signals(-exit_code).name
                 if -exit_code in signal.valid_signals()
                 else str(-exit_code)
             )
-            err.write(f"the snippet was killed by signal {name}\n".encode())
-        return {
-            "stdout": out.getvalue().decode("utf-8", "replace"),
-            "stderr": err.getvalue().decode("utf-8", "replace"),
-            "status": status,
-            "exit_code": exit_code,
-            "duration_s": duration,
-            "truncated": out.truncated or err.truncated or status == "output_limit",
-        }
+            note = f"the snippet was killed by signal {name}"
+        result = _result(out, err, status, exit_code, duration, note)
+        result["truncated"] = result["truncated"] or status == "output_limit"
+        return result
 
-    def _classify(self, kernel, done, verdict, oom_before, fail_before):
-        oom = kernel.cgroups is not None and kernel.cgroups.oom_kills() > oom_before
-        if done is not None and "setup_error" not in done:
-            exit_code = int(done.get("exit") or 0) if isinstance(done.get("exit"), int) else 1
-            if done.get("exc") == "MemoryError":
+    def _classify(self, kernel, verdict, claim, claimed, wait_status, oom_before, fail_before):
+        """The status from what the server observed; the kernel's own claim only ever
+        chooses between outcomes the snippet controls anyway (exit code, MemoryError)."""
+        cgroups = kernel.cgroups
+        oom = cgroups is not None and cgroups.oom_kills() > oom_before
+        pressed = cgroups is not None and cgroups.failcnt() > fail_before
+        if verdict == "timeout":
+            return ("memory" if pressed else "timeout"), None
+        if verdict == "output_limit":
+            return "output_limit", None
+        if verdict == "malformed":
+            return "error", None
+        if verdict == "done":
+            exit_code, flags = claim
+            # As the OS reduces an exit status (sys.exit(256) is 0); a negative exit code
+            # always means a signal the server saw, never a claimed number.
+            exit_code &= 0xFF
+            if flags & FLAG_MEMORY_ERROR:
                 return "memory", exit_code
-            if done.get("exc") == "RecursionError" or exit_code != 0:
-                return "error", exit_code
             return ("ok" if exit_code == 0 else "error"), exit_code
-        if verdict == "timeout" and kernel.cgroups and kernel.cgroups.failcnt() > fail_before:
-            return "memory", None  # timed out while pressed against its memory limit
-        if verdict in ("timeout", "output_limit"):
-            return verdict, None
-        if done is not None:  # setup_error
+        if wait_status is None:
             return "sandbox_error", None
-        # The kernel process ended before reporting completion.
-        if kernel.wait_status is None:
-            with contextlib.suppress(ChildProcessError):
-                _, kernel.wait_status = os.waitpid(kernel.pid, 0)
-        self.dying.pop(kernel.pid, None)
-        status = kernel.wait_status or 0
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+        if os.WIFSIGNALED(wait_status):
+            sig = os.WTERMSIG(wait_status)
             if oom:
                 return "memory", -sig
             if sig == signal.SIGXCPU:
                 return "timeout", -sig
             return "killed", -sig
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+        code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else 1
         if oom:
+            return "memory", code
+        if code and claimed and claimed[0] & 0xFF == code and claimed[1] & FLAG_MEMORY_ERROR:
             return "memory", code
         return ("ok" if code == 0 else "error"), code
 
@@ -388,14 +714,17 @@ class Server:
             }
         limits = Limits.from_dict(request["limits"]) if "limits" in request else Limits()
         if op == "run":
-            kernel = self._fresh_kernel(limits)
-            result = self.execute(kernel, request["code"], limits, "<snippet>")
+            start = time.monotonic()
+            try:
+                kernel = self._fresh_kernel(limits)
+            except (RuntimeError, OSError) as exc:  # this run fails, the server does not
+                return _infra(f"could not start a kernel: {exc}", start)
             self.after_reply.append(kernel)  # killed once the host has its answer
-            return result
+            return self._guarded(kernel, request["code"], limits, "<snippet>", True, start)
         if op == "open":
             try:
                 kernel = self._fresh_kernel(limits)
-            except RuntimeError as exc:  # out of slots: the caller's problem, not a crash
+            except (RuntimeError, OSError) as exc:  # out of slots: the caller's problem
                 return {"error": str(exc)}
             return {"kid": kernel.kid}
         if op == "exec":
@@ -405,7 +734,9 @@ class Server:
                     self.kill(kernel)
                 return {"dead": True}
             kernel.cells += 1
-            result = self.execute(kernel, request["code"], kernel.limits, f"<cell {kernel.cells}>")
+            start = time.monotonic()
+            code, filename = request["code"], f"<cell {kernel.cells}>"
+            result = self._guarded(kernel, code, kernel.limits, filename, False, start)
             result["alive"] = kernel.kid in self.kernels and self._alive(kernel)
             if kernel.kid in self.kernels and not result["alive"]:
                 self.kill(kernel)
@@ -417,11 +748,20 @@ class Server:
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
 
+    def _guarded(self, kernel, code, limits, filename, oneshot, start) -> dict:
+        """execute(), with any failure of ours confined to this run (never the server)."""
+        try:
+            return self.execute(kernel, code, limits, filename, oneshot)
+        except Exception as exc:  # our bug: this run is a sandbox_error, the rest goes on
+            print(f"sandbox server: execute failed: {exc!r}", file=sys.stderr)
+            self.kill(kernel)
+            return _infra(f"{type(exc).__name__}: {exc}", start)
+
     def _fresh_kernel(self, limits: Limits) -> Kernel:
         """The pre-forked spare kernel if it matches ``limits``, else a new one.
 
-        Forking and locking down a kernel (cgroup migration especially) costs several ms; doing
-        it for the NEXT call right after replying takes it off the round trip.
+        Forking and locking down a kernel costs a few ms; doing it for the NEXT call right
+        after replying takes it off the round trip.
         """
         spare, self.spare = self.spare, None
         self.spare_limits = limits
@@ -433,6 +773,10 @@ class Server:
 
     def tidy(self) -> None:
         """Work done after the reply is sent: kill finished kernels, fork the next spare."""
+        while self.to_freeze:
+            kernel = self.to_freeze.pop()
+            if kernel.kid in self.kernels and kernel.cgroups is not None:
+                kernel.frozen = kernel.cgroups.freeze()
         while self.after_reply:
             kernel = self.after_reply.pop()
             if kernel.kid in self.kernels:
@@ -445,19 +789,35 @@ class Server:
     def probe(self) -> None:
         """Run a real kernel; drop the layers that do not work end to end."""
         limits = Limits(timeout_s=20.0, cpu_s=20.0)
-        for _ in range(3):
+        for _ in range(5):
             kernel = self.spawn(limits)
-            result = self.execute(kernel, PROBE_CODE, limits, "<probe>")
+            state = kernel.zygote.state
+            # A ready kernel waits for its first cell: the completion check must see that.
+            if self._await_ready(kernel, time.monotonic() + SETUP_DEADLINE_S) is None:
+                waiting, until = False, time.monotonic() + SETUP_DEADLINE_S
+                while waiting is False and time.monotonic() < until and self._alive(kernel):
+                    waiting = _code_read_state(kernel.pid)
+                    if waiting is False:
+                        time.sleep(0.002)
+                self.report.verified_completion = waiting is True
+            result = self._guarded(kernel, PROBE_CODE, limits, "<probe>", True, time.monotonic())
             if kernel.kid in self.kernels:
                 self.kill(kernel)
+            self._reclaim_slots(wait_s=2.0)
             if result["status"] == "ok":
-                uid, seccomp, in_cgroup = result["stdout"].split()
-                if self.report.uid_drop and int(uid) == 0:
+                found = json.loads(result["stdout"])
+                if self.report.uid_drop and int(found["uid"]) == 0:
                     self.report.uid_drop = False
-                if self.report.seccomp and seccomp != "2":
+                if self.report.seccomp and found["seccomp"] != "2":
                     self.report.seccomp = False
-                if in_cgroup != "True":
+                if not _in_slot_cgroups(kernel.zygote.pid):
                     self.report.cgroup_memory = self.report.cgroup_pids = False
+                    self.report.cgroup_freezer = self.report.cgroup_cpu = False
+                if self.report.file_allowlist and not found["sys_hidden"]:
+                    self.report.file_allowlist = False
+                self.report.slot_pid_namespace = bool(state.get("pid_namespace"))
+                self.report.slot_network_namespace = bool(state.get("network_namespace"))
+                self.report.notes.extend(state.get("notes") or [])
                 return
             # Turn off the most likely culprit and try again.
             self.report.notes.append(f"probe failed: {result['stderr'].strip()[-300:]}")
@@ -465,15 +825,29 @@ class Server:
                 self.report.seccomp = False
             elif self.report.uid_drop:
                 self.report.uid_drop = False
-            else:
+            elif self.report.private_tmp:
                 self.report.private_tmp = False
+            elif self.template_options.get("root"):
+                self.report.file_allowlist = False
+                self.start_template({**self.template_options, "root": None})
+            else:
+                return
 
     def shutdown(self) -> None:
         self.spare = None
         for kernel in list(self.kernels.values()):
             self.kill(kernel)
         self._reclaim_slots(wait_s=2.0)
+        self.stop_template()
         for cgroups in self.slot_cgroups.values():
+            for pid in cgroups.pids():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            cgroups.thaw()
+        deadline = time.monotonic() + 2.0
+        for cgroups in self.slot_cgroups.values():
+            while cgroups.pids() and time.monotonic() < deadline:
+                time.sleep(0.005)
             cgroups.remove()
 
     def serve(self, request_fd: int, reply_fd: int) -> None:
@@ -495,6 +869,30 @@ class Server:
                 print(f"sandbox server: tidy failed: {exc!r}", file=sys.stderr)
 
 
+def _result(out, err, status, exit_code, duration, note=None) -> dict:
+    if note:
+        err.write(f"{note}\n".encode())
+    return {
+        "stdout": out.getvalue().decode("utf-8", "replace"),
+        "stderr": err.getvalue().decode("utf-8", "replace"),
+        "status": status,
+        "exit_code": exit_code,
+        "duration_s": duration,
+        "truncated": out.truncated or err.truncated,
+    }
+
+
+def _infra(message: str, start: float) -> dict:
+    return {
+        "stdout": "",
+        "stderr": f"sandbox error: {message}\n",
+        "status": "sandbox_error",
+        "exit_code": None,
+        "duration_s": time.monotonic() - start,
+        "truncated": False,
+    }
+
+
 def _read_some(fd: int) -> bytes | None:
     """Available bytes, b"" at end of file, None when nothing is there yet."""
     try:
@@ -505,31 +903,22 @@ def _read_some(fd: int) -> bytes | None:
         return b""
 
 
-def _parse_done(buffer: bytes) -> dict | None:
-    if len(buffer) < 4:
-        return None
-    length = int.from_bytes(buffer[:4], "big")
-    if len(buffer) < 4 + length:
-        return None
-    try:
-        message = json.loads(buffer[4 : 4 + length])
-    except ValueError:
-        return {"exit": 1, "exc": "ProtocolError"}
-    return message if isinstance(message, dict) else {"exit": 1, "exc": "ProtocolError"}
-
-
-def _drain(fd: int, sink: HeadTailBuffer | None, budget: int = 1 << 24) -> None:
-    """Read what is available now (never wait for EOF: grandchildren may hold the pipe)."""
+def _drain(fd: int, sink: HeadTailBuffer | None, budget: int = 1 << 24) -> bool:
+    """Read what is available now (never wait for EOF: grandchildren may hold the pipe).
+    Returns True at end of file (the caller stops polling the descriptor)."""
     while budget > 0:
         try:
             data = os.read(fd, 1 << 16)
-        except (BlockingIOError, OSError):
-            return
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
         if not data:
-            return
+            return True
         budget -= len(data)
         if sink is not None:
             sink.write(data)
+    return False
 
 
 def scrubbed_hostname() -> None:
@@ -556,22 +945,46 @@ def main(argv: list[str] | None = None) -> int:
         # (getppid() is 0 here: the launcher lives outside our pid namespace, so the usual
         # "did the parent die before prctl" check cannot be made; the window is microseconds.)
         isolation.set_parent_death_signal(signal.SIGKILL)
+    modules_before = set(sys.modules)
     preimport()  # after the fork: the launcher stays a small process
+    root = None
     if report.mount_namespace:
-        keep = isolation.python_paths()
-        hidden = ["/root", "/home", *args.hide]
-        isolation.setup_server_mounts(report, hidden, keep)
+        isolation.setup_server_mounts(report)
+        if not args.no_isolation:
+            root = isolation._staging_dir()
+            try:
+                allowed = isolation.allowed_top_level(modules_before)
+                shown = isolation.build_root(
+                    root, allowed, [os.path.realpath(h) for h in args.hide]
+                )
+                report.file_allowlist = report.hidden_home = True
+                report.notes.append("packages visible: " + ",".join(sorted(set(shown))))
+            except OSError as exc:
+                report.notes.append(f"file_allowlist: {exc}")
+                with contextlib.suppress(OSError):
+                    isolation.umount(root)
+                root = None
     if report.uts_namespace:
         scrubbed_hostname()
     server = Server(launcher_pid, report)
     if args.no_isolation:
         report.uid_drop = report.seccomp = report.private_tmp = False
         report.cgroup_memory = report.cgroup_pids = False
+        report.cgroup_freezer = report.cgroup_cpu = False
         server.cgroup_manager.bases = {}
         report.notes.append("isolation disabled by the caller")
-    server.probe()
     gc.collect()
     gc.freeze()
+    # The template is forked here, before the first request: kernels never descend from a
+    # process that held another run's code or output.
+    server.start_template(
+        {
+            "root": root,
+            "pid_namespace": report.pid_namespace and not args.no_isolation,
+            "network_namespace": report.network_namespace and not args.no_isolation,
+        }
+    )
+    server.probe()
     protocol.write_message(
         args.reply_fd, {"hello": True, "launcher_pid": launcher_pid, "isolation": report.to_dict()}
     )
