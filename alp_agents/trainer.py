@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TINY_MODEL_PREFIX = "tiny-"
+# Top-level YAML sections that belong to other tools: a study's grid (train/study.py) may share
+# a training config file.
+OTHER_SECTIONS = ("study",)
 TRAJECTORY_SAMPLES_FILE = "trajectories.jsonl"
 HELDOUT_SAMPLES_FILE = "heldout.jsonl"  # per held-out sample: label, problem id, reward
 
@@ -1788,7 +1791,7 @@ def cli_main(
         description=description,
         prog=prog,
         default_config=default_config,
-        extra_sections=("study",),  # a study's grid (train/study.py) may share the file
+        extra_sections=OTHER_SECTIONS,
     )
     try:
         validate_config(cfg)

@@ -264,7 +264,8 @@ def _within(path: str, directory: str) -> bool:
 
 
 def python_package_dirs() -> list[str]:
-    """The directories of ``sys.path`` that hold third-party packages (not the stdlib)."""
+    """The site-packages / dist-packages directories that hold third-party packages (not the
+    stdlib, not a project checkout that happens to be on ``sys.path``)."""
     import site
     import sysconfig
 
@@ -285,8 +286,10 @@ def python_package_dirs() -> list[str]:
         real = os.path.realpath(path)
         if not os.path.isdir(real) or real in out:
             continue
-        if _within(real, stdlib) and not real.endswith(("site-packages", "dist-packages")):
-            continue  # the stdlib itself and lib-dynload
+        if not real.endswith(("site-packages", "dist-packages")):
+            # the stdlib itself, lib-dynload, and source trees on sys.path (the working
+            # directory, an editable install's project): never package directories to expose
+            continue
         out.append(real)
     return out
 

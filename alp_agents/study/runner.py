@@ -27,7 +27,7 @@ from typing import Any
 
 from alp_agents import checkpoint as ckpt
 from alp_agents.config import ConfigError, config_to_yaml, load_config
-from alp_agents.study.grid import STUDY_SECTION, Cell, StudySpec
+from alp_agents.study.grid import Cell, StudySpec
 from alp_agents.study.report import CELL_FILE, CELLS_DIR, cell_summary
 
 __all__ = ["run_study", "resolve_cells"]
@@ -46,7 +46,7 @@ def resolve_cells(
     Unknown keys, bad values and unknown presets raise `ConfigError` / the trainer's
     `TrainConfigError` naming the key (and the closest valid one) and the cell.
     """
-    from alp_agents.trainer import TrainConfig, TrainConfigError, validate_config
+    from alp_agents.trainer import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
 
     out = []
     for cell in spec.cells():
@@ -54,7 +54,7 @@ def resolve_cells(
         overrides.append(f"logging.run_dir={output / CELLS_DIR / cell.id}")
         overrides.append(f"logging.name={cell.id}")
         try:
-            cfg = load_config(TrainConfig, list(base), overrides, extra_sections=(STUDY_SECTION,))
+            cfg = load_config(TrainConfig, list(base), overrides, extra_sections=OTHER_SECTIONS)
             validate_config(cfg)
         except (ConfigError, TrainConfigError) as exc:
             raise ConfigError(f"study cell {cell.id}: {exc}") from None
@@ -64,9 +64,9 @@ def resolve_cells(
 
 def _fingerprint(base: Sequence[Path]) -> str:
     """The resolved base configuration (what every cell shares), as YAML text."""
-    from alp_agents.trainer import TrainConfig
+    from alp_agents.trainer import OTHER_SECTIONS, TrainConfig
 
-    return config_to_yaml(load_config(TrainConfig, list(base), extra_sections=(STUDY_SECTION,)))
+    return config_to_yaml(load_config(TrainConfig, list(base), extra_sections=OTHER_SECTIONS))
 
 
 def _check_same_study(output: Path, base_yaml: str) -> None:

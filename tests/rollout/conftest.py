@@ -45,10 +45,13 @@ COUNTERPARTS = {
 
 
 def real_engine_for(model, tok):
-    """HFEngine (bf16) on SmolLM2, with embeddings grown to cover ``tok``'s added tokens."""
+    """HFEngine on SmolLM2, with embeddings grown to cover ``tok``'s added tokens: bf16 where
+    the CPU runs it natively, else float32 (bf16 is ~100x slower there; alp_agents.precision).
+    """
     import torch
 
     from alp_agents.engines import HFEngine
+    from alp_agents.precision import resolve_engine_precision
 
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model = copy.deepcopy(model)
@@ -60,4 +63,5 @@ def real_engine_for(model, tok):
                 old_id = tok.encode(old, add_special_tokens=False)[0]
                 emb[new_id] = emb[old_id]
                 head[new_id] = head[old_id]
-    return HFEngine(model, tok)
+    dtype, _ = resolve_engine_precision("auto", "cpu", training=False)
+    return HFEngine(model, tok, dtype=dtype)

@@ -52,7 +52,12 @@ def sandbox_box():
     launchers = sb.launcher_pids
     yield sb
     sb.close()
-    deadline = time.monotonic() + 5
+    assert_nothing_left(launchers)
+
+
+def assert_nothing_left(launchers: list[int], wait_s: float = 5.0) -> None:
+    """After close(): no snippet process, cgroup or server of these launchers survives."""
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and (
         processes_of_servers(launchers) or cgroups_of_servers(launchers)
     ):

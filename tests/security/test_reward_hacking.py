@@ -26,9 +26,9 @@ import time
 import pytest
 
 from sandbox import Limits, LocalSandbox
-from sandbox.audit import cgroups_of_servers, processes_of_servers
+from sandbox.audit import processes_of_servers
 
-from .conftest import ATTACK_LIMITS
+from .conftest import ATTACK_LIMITS, assert_nothing_left
 
 pytestmark = pytest.mark.security
 
@@ -50,13 +50,7 @@ def one():
     launchers = sb.launcher_pids
     yield sb
     sb.close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (
-        processes_of_servers(launchers) or cgroups_of_servers(launchers)
-    ):
-        time.sleep(0.05)
-    assert processes_of_servers(launchers) == []
-    assert cgroups_of_servers(launchers) == []
+    assert_nothing_left(launchers)
 
 
 def _server_pid(launcher: int) -> int:
@@ -146,7 +140,8 @@ def test_a_huge_cell_for_a_busy_kernel_does_not_stall_the_worker(one):
         r = attacker.run(big)
         took = time.monotonic() - t0
         assert r.status == "timeout", r
-        assert took < one.limits.timeout_s + 3.0, took
+        # a stalled worker would wait for the whole write; the bound leaves room for a loaded host
+        assert took < one.limits.timeout_s + 10.0, took
         assert victim.run("print(answer)").stdout == "42\n"
     assert one.launcher_pids == launchers
 

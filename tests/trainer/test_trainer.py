@@ -23,6 +23,7 @@ from alp_agents import checkpoint as ckpt
 from alp_agents.models import make_tiny_model
 from alp_agents.runlog import read_metrics
 from alp_agents.trainer import (
+    OTHER_SECTIONS,
     ALPTrainer,
     TrainConfig,
     TrainConfigError,
@@ -337,4 +338,4 @@ def test_validate_accepts_every_shipped_config():
     for path in sorted((ROOT / "train" / "configs").rglob("*.yaml")):
         if path.name.startswith(("eval", "accelerate")) or "vllm" in path.name:
             continue
-        validate_config(load_config(TrainConfig, path))
+        validate_config(load_config(TrainConfig, path, extra_sections=OTHER_SECTIONS))
