@@ -311,12 +311,17 @@ def test_only_the_allow_list_exists(sb):
         f"""
         import os, sys
         gone = ["/home", "/sys", "/opt", "/srv", "/mnt", "/var/lib", "/etc/hostname",
-                "/etc/machine-id", "/proc/1/environ", "/root/.bashrc", {REPO!r},
-                "/work/shared", "/tmp/../work/main/README.md"]
+                "/etc/machine-id", "/proc/1/environ", "/root/.bashrc",
+                "/work/shared", "/tmp/../work/main/README.md", {REPO + "/README.md"!r},
+                {REPO + "/envs"!r}]
+        # the checkout may exist only as the path to a virtualenv inside it (make's .venv)
+        prefixes = tuple({{os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}})
+        if os.path.isdir({REPO!r}):
+            gone += [os.path.join({REPO!r}, e) for e in os.listdir({REPO!r})
+                     if not any(p.startswith(os.path.join({REPO!r}, e)) for p in prefixes)]
         print([p for p in gone if os.path.exists(p)])
         # /work or /root may exist only as the path to the interpreter: every file below
         # them belongs to the Python installation.
-        prefixes = tuple({{os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}})
         stray = []
         for top in ("/work", "/root"):
             for d, dirs, files in os.walk(top):

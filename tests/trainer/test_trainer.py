@@ -21,6 +21,7 @@ import torch
 
 from alp_agents import checkpoint as ckpt
 from alp_agents.models import make_tiny_model
+from alp_agents.objectives import preset_names
 from alp_agents.runlog import read_metrics
 from alp_agents.trainer import (
     OTHER_SECTIONS,
@@ -339,3 +340,19 @@ def test_validate_accepts_every_shipped_config():
         if path.name.startswith(("eval", "accelerate")) or "vllm" in path.name:
             continue
         validate_config(load_config(TrainConfig, path, extra_sections=OTHER_SECTIONS))
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_trains_a_step(tmp_path, problems, tokenizer, preset):
+    """Every preset of alp_agents.objectives runs through the trainer (what
+    `train/multi_turn.py --preset NAME` does): finite loss, K optimiser steps, its own ratio."""
+    cfg = tiny_config(tmp_path, problems, steps=1)
+    cfg.algorithm.preset = preset
+    trainer = make_trainer(cfg, tokenizer)
+    assert trainer.loss_cfg.name == preset
+    assert (trainer.perturbation is not None) == trainer.loss_cfg.perturbation
+    row = step_rows(trainer.train().run_dir)[1]
+    assert row["update/steps"] + row["update/skipped"] == cfg.algorithm.mini_batches
+    assert row["update/skipped"] == 0
+    for key in ("update/loss", "seq_log_ratio/q02", "mismatch/k3"):
+        assert row[key] == row[key], key  # not NaN
