@@ -80,9 +80,15 @@ def full_state(trainer: ALPTrainer) -> dict[str, torch.Tensor]:
 
 
 def engine_matches(trainer: ALPTrainer, state: dict[str, torch.Tensor]) -> bool:
-    """The engine holds exactly the trainer's weights, cast to the engine's dtype."""
+    """The engine holds exactly the trainer's weights, cast to the engine's dtype (rounded
+    first where the engine keeps rounded weights, see alp_agents.precision)."""
     own = trainer.engine.model.state_dict()
-    return all(torch.equal(v, state[k].to(v.dtype)) for k, v in own.items())
+    rounded = trainer.engine.round_weights_to or torch.float32
+
+    def expected(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w.to(rounded).to(dtype) if w.is_floating_point() else w.to(dtype)
+
+    return all(torch.equal(v, expected(state[k], v.dtype)) for k, v in own.items())
 
 
 def local_fraction(trainer: ALPTrainer) -> float:
