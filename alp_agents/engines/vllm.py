@@ -5,6 +5,10 @@ sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weigh
 through ``LLM.collective_rpc`` into every worker's ``model.load_weights`` (no restart), then the
 prefix cache is reset so no stale KV blocks survive the update.
 
+Seeds: vLLM seeds each REQUEST with its ``SamplingParams.seed``, so identical prompts with one seed
+(a GRPO group) would all get the same sample. Each request therefore gets its own seed derived
+from ``(seed, request index, pass)``: reproducible, and the copies of a prompt differ.
+
 Log-prob convention: the engine is created with ``logprobs_mode="processed_logprobs"``, i.e.
 ``log_softmax(logits / temperature)`` in float32, which is `alp_agents.engines.base`'s convention
 whenever top-k/top-p are off (always in training). With top-p/top-k on (evaluation) vLLM reports
@@ -23,6 +27,7 @@ Example (needs vllm)::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -49,6 +54,18 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> int:
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     loaded = model.load_weights(weights=iter(weights))
     return len(loaded) if loaded is not None else len(weights)
+
+
+def request_seed(seed: int | None, index: int, pass_: int = 0) -> int | None:
+    """A per-request vLLM seed from the call's seed, the request's index and the pass (63 bits).
+
+    >>> request_seed(None, 3) is None, request_seed(7, 0) == request_seed(7, 0) != request_seed(7, 1)
+    (True, True)
+    """
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{index}:{pass_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class VLLMEngine:
@@ -101,7 +118,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.stats = {"generate_calls": 0, "generated_tokens": 0}
 
-    def _params(self, p: SamplingParams) -> Any:
+    def _params(self, p: SamplingParams, index: int) -> Any:
         return self._vllm.SamplingParams(
             n=1,
             temperature=p.temperature,
@@ -112,7 +129,7 @@ class VLLMEngine:
             stop_token_ids=list(p.stop_token_ids) or None,
             include_stop_str_in_output=True,
             skip_special_tokens=False,
-            seed=p.seed,
+            seed=request_seed(p.seed, index),
             logprobs=0,
         )
 
@@ -131,7 +148,7 @@ class VLLMEngine:
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            [self._params(p) for p in per_prompt],
+            [self._params(p, i) for i, p in enumerate(per_prompt)],
             use_tqdm=False,
         )
         self.stats["generate_calls"] += 1
