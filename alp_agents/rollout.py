@@ -5,6 +5,13 @@ live episode, then runs their ``env.step`` calls concurrently in a thread pool (
 and verification release the GIL), appends the observations and goes again. A single-turn
 environment is the one-round case of the same loop.
 
+One generate call per turn: an env stop string (``"```\\n"``) ends a turn only where the env's
+own completion rule says the turn is over (``response_is_complete``). The loop gives the engine
+that rule as ``SamplingParams.stop_condition``, so a bare fence does not end the call: the engine
+samples on with its KV cache. An engine that ignores the predicate stops at every stop string;
+the loop then resumes the turn in the next round, at most ``max_rounds_per_turn`` generate calls
+per turn (the turn then goes to the env as it is; ``stats["capped_turns"]``).
+
 Token-in, token-out (the invariant that keeps importance ratios honest):
 
 * ``prompt_ids`` = the chat template applied to the env's initial messages, with the generation
@@ -190,6 +197,7 @@ def run_episodes(
     seed: int | None = None,
     stats: dict[str, Any] | None = None,
     max_workers: int = 32,
+    max_rounds_per_turn: int = 4,
 ) -> list[Trajectory]:
     """Run ``len(problems) * group_size`` episodes concurrently; one trajectory per episode.
 
@@ -213,8 +221,15 @@ def run_episodes(
         progress: show a tqdm bar with the running mean reward.
         seed: makes env resets and sampling reproducible (None: random).
         stats: if given, filled with timings and counts (``generate_s``, ``env_s``,
-            ``total_s``, ``rounds``, ``generated_tokens``).
+            ``total_s``, ``rounds``, ``generated_tokens``; ``deferred_stops``: env stop strings
+            the engine sampled through because the turn was not complete; ``continuations``:
+            turns resumed in a later round by an engine that ignores ``stop_condition``;
+            ``capped_turns``: turns ended by ``max_rounds_per_turn``).
         max_workers: threads for concurrent ``env.step`` calls.
+        max_rounds_per_turn: safety net for engines that ignore ``stop_condition``: a turn gets
+            at most this many generate calls, then goes to the env as it is (the turn's
+            ``metrics["turns"][k]["capped"]`` is True). With `HFEngine` / `VLLMEngine` every
+            turn takes one call.
 
     Returns:
         Trajectories in episode order (problem-major), each validated.
@@ -223,12 +238,27 @@ def run_episodes(
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if not problems:
         raise ValueError("run_episodes needs at least one problem")
+    if max_rounds_per_turn < 1:
+        raise ValueError(f"max_rounds_per_turn must be >= 1, got {max_rounds_per_turn}")
+    if sampling.stop_condition is not None:
+        raise ValueError(
+            "run_episodes sets SamplingParams.stop_condition itself (the env's completion rule); "
+            "pass sampling without one"
+        )
     t_start = time.perf_counter()
     env_kwargs = dict(env_kwargs or {})
     if max_turns is not None:
         env_kwargs["max_turns"] = max_turns
     n = len(problems) * group_size
-    timing = {"generate_s": 0.0, "env_s": 0.0, "rounds": 0, "generated_tokens": 0}
+    timing = {
+        "generate_s": 0.0,
+        "env_s": 0.0,
+        "rounds": 0,
+        "generated_tokens": 0,
+        "deferred_stops": 0,
+        "continuations": 0,
+        "capped_turns": 0,
+    }
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, n)))
     progress_bar = _Progress(n, progress)
     episodes: list[_Episode] = []
@@ -258,6 +288,7 @@ def run_episodes(
                     stop=list(dict.fromkeys([*sampling.stop, *ep.stops])),
                     stop_token_ids=_stop_token_ids(ep, sampling),
                     seed=None if seed is None else seed * 1_000_003 + timing["rounds"],
+                    stop_condition=_TurnComplete.for_episode(ep, sampling.stop, tokenizer),
                 )
                 for ep in live
             ]
@@ -275,8 +306,10 @@ def run_episodes(
             t_env = time.perf_counter()
             stepping = []
             for ep, sample, params in zip(live, samples, per_episode, strict=True):
-                if _absorb_sample(ep, sample, params, tokenizer):
+                if _absorb_sample(ep, sample, params, max_rounds_per_turn):
                     stepping.append(ep)
+                else:  # an engine that ignores stop_condition stopped inside the turn
+                    timing["continuations"] += 1
             results = list(pool.map(lambda ep: _step_env(ep, tokenizer), stepping))
             for ep, outcome in zip(stepping, results, strict=True):
                 _apply_step(ep, outcome, tokenizer, max_observation_tokens, max_context_tokens)
@@ -299,6 +332,9 @@ def run_episodes(
             "the learner); first error:\n%s",
             len(failures), len(episodes), failures[0].metrics["error"],
         )  # fmt: skip
+    for ep in episodes:
+        timing["deferred_stops"] += ep.metrics["deferred_stops"]
+        timing["capped_turns"] += sum(1 for t in ep.metrics["turns"] if t.get("capped"))
     trajectories = [ep.to_trajectory() for ep in episodes]
     for traj in trajectories:
         traj.validate()
@@ -336,7 +372,12 @@ def _start_episode(
         messages=messages,
         prompt_ids=list(delta.prompt_ids),
         stops=list(getattr(base, "stop_sequences", []) or []),
-        metrics={"turns": [], "observation_tokens_dropped": 0, "initial_messages": len(messages)},
+        metrics={
+            "turns": [],
+            "observation_tokens_dropped": 0,
+            "initial_messages": len(messages),
+            "deferred_stops": 0,
+        },
     )
 
 
@@ -361,29 +402,84 @@ def _check_budget(ep: _Episode, max_context_tokens: int, sampling: SamplingParam
         ep.metrics["context_exhausted"] = True
 
 
-def _absorb_sample(ep: _Episode, sample: Sample, params: SamplingParams, tokenizer: Any) -> bool:
+class _TurnComplete:
+    """``SamplingParams.stop_condition`` for one episode's current turn.
+
+    Given the ids sampled so far in this generate call, True when the turn is over: a stop
+    string of the caller's own (not an env stop) occurs in the turn, or the env's
+    ``response_is_complete`` accepts the turn's text (decoded as ``env.step`` will get it:
+    the ids of earlier rounds of the turn plus these). Every rejection is counted in the
+    episode's ``metrics["deferred_stops"]``.
+    """
+
+    def __init__(
+        self,
+        ep: _Episode,
+        complete: Callable[[str], bool],
+        caller_stops: list[str],
+        tokenizer: Any,
+    ) -> None:
+        self.ep = ep
+        self.complete = complete
+        self.caller_stops = caller_stops
+        self.tokenizer = tokenizer
+        self.prefix = list(ep.turn_sampled)
+
+    @classmethod
+    def for_episode(
+        cls, ep: _Episode, caller_stops: Sequence[str], tokenizer: Any
+    ) -> _TurnComplete | None:
+        """None when the env has no stop strings or no ``response_is_complete``."""
+        complete = getattr(getattr(ep.env, "unwrapped", ep.env), "response_is_complete", None)
+        if not ep.stops or complete is None:
+            return None
+        own = [s for s in caller_stops if s not in ep.stops]
+        return cls(ep, complete, own, tokenizer)
+
+    def is_complete(self, ids: Sequence[int]) -> bool:
+        turn = self.prefix + list(ids)
+        if self.caller_stops:
+            raw = self.tokenizer.decode(turn, skip_special_tokens=False)
+            if any(s in raw for s in self.caller_stops):
+                return True
+        return bool(self.complete(self.tokenizer.decode(turn, skip_special_tokens=True)))
+
+    def __call__(self, ids: Sequence[int]) -> bool:
+        done = self.is_complete(ids)
+        if not done:
+            self.ep.metrics["deferred_stops"] += 1
+        return done
+
+
+def _absorb_sample(
+    ep: _Episode, sample: Sample, params: SamplingParams, max_rounds_per_turn: int
+) -> bool:
     """Append a sample verbatim (mask 1). Returns True when the turn is over and goes to the env.
 
-    An env stop string matched where the env does not consider the response complete (its
-    ``response_is_complete``, e.g. a bare opening fence) lets the same turn continue in the next
-    round; the caller's own stop strings always end the turn.
+    An engine that honours ``params.stop_condition`` only stops on a stop string where the turn
+    is complete. One that ignores it may stop on an env stop string where the env does not
+    consider the response complete (e.g. a bare opening fence): the same turn then continues in
+    the next round, up to ``max_rounds_per_turn`` generate calls for the turn.
     """
     ep.append(sample.token_ids, 1, sample.logprobs)
     ep.turn_sampled.extend(sample.token_ids)
     turn_log = ep.metrics["turns"]
     if len(turn_log) <= ep.turn:
         turn_log.append({"generated": 0, "segments": 0, "finish": None})
-    turn_log[ep.turn]["generated"] += len(sample.token_ids)
-    turn_log[ep.turn]["segments"] += 1
-    turn_log[ep.turn]["finish"] = sample.finish_reason
-    if sample.finish_reason == "stop" and sample.stop_string in ep.stops:
-        base = getattr(ep.env, "unwrapped", ep.env)
-        complete = getattr(base, "response_is_complete", None)
-        text = tokenizer.decode(ep.turn_sampled, skip_special_tokens=True)
-        budget_left = params.max_tokens - len(sample.token_ids) > 0
-        if complete is not None and not complete(text) and budget_left:
-            return False  # e.g. a bare "```\n" fence opened: keep generating this turn
-    return True
+    turn = turn_log[ep.turn]
+    turn["generated"] += len(sample.token_ids)
+    turn["segments"] += 1
+    turn["finish"] = sample.finish_reason
+    condition = params.stop_condition
+    if sample.finish_reason != "stop" or not isinstance(condition, _TurnComplete):
+        return True
+    budget_left = params.max_tokens - len(sample.token_ids) > 0
+    if not budget_left or condition.is_complete(sample.token_ids):
+        return True
+    if turn["segments"] >= max_rounds_per_turn:
+        turn["capped"] = True  # safety net: an engine that ignores stop_condition
+        return True
+    return False  # e.g. a bare "```\n" fence opened: keep generating this turn
 
 
 def _step_env(ep: _Episode, tokenizer: Any) -> tuple[Any, ...]:

@@ -11,6 +11,12 @@ Stop strings are matched on the decoded text of the NEW tokens only (never the p
 cut is made on token ids: a sample keeps every token up to and including the one that completed
 the first stop string (`stop_cut`). A token that runs past the stop string (``"```\\n\\n"``) is
 kept whole, because it is what was sampled; nothing is re-tokenised.
+
+A stop string can be made conditional: with ``SamplingParams.stop_condition`` set, a completed
+stop string ends the sample only if ``stop_condition(new_ids_so_far)`` is True; otherwise the
+engine keeps sampling the same row in the same call (HFEngine: same KV cache, no new prefill).
+The agent loop passes the env's own completion rule here (``response_is_complete``), so a bare
+``"```\\n"`` fence that is not the end of a turn does not end the generate call.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ class SamplingParams:
         seed: seeds the engine's sampling RNG for this call (None = nondeterministic).
         stop_token_ids: token ids that end a sample (finish_reason ``"eos"``), in addition to the
             engine's EOS ids; the agent loop passes the chat template's end-of-turn token here.
+        stop_condition: None (every stop string ends the sample), or a predicate on the new
+            token ids sampled so far in this call: a stop string completed by the newest token
+            ends the sample only if ``stop_condition(ids)`` is True; otherwise sampling goes on
+            (the stop is "deferred") until a later stop string is accepted, an EOS / stop token
+            id, or ``max_tokens`` (finish_reason ``"length"``). It is evaluated only when a stop
+            string completes, so it may be moderately expensive (e.g. decode and parse the turn).
+            Stop token ids are never conditional. May differ per prompt.
     """
 
     temperature: float = 1.0
@@ -44,6 +57,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    stop_condition: Callable[[Sequence[int]], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -58,6 +72,11 @@ class SamplingParams:
             raise TypeError("SamplingParams.stop is a list of strings, got a single string")
         if any(not s for s in self.stop):
             raise ValueError("SamplingParams.stop must not contain an empty string")
+        if self.stop_condition is not None and not callable(self.stop_condition):
+            raise TypeError(
+                "SamplingParams.stop_condition must be None or a callable on token ids, "
+                f"got {type(self.stop_condition).__name__}"
+            )
 
     def replace(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (``sampling.replace(max_tokens=16)``)."""
@@ -141,6 +160,74 @@ def stop_cut(
         else:
             hi = mid
     return hi, first_stop(hi)
+
+
+def completed_stop(
+    tail: Sequence[int],
+    decode: Callable[[Sequence[int]], str],
+    stops: Sequence[str],
+    text: str | None = None,
+) -> str | None:
+    """The stop string that the LAST token of ``tail`` completed (None if it completed none).
+
+    ``tail`` is the end of a sample (`stop_window` tokens are enough); ``text`` its decoded text
+    when the caller has it already. A stop string already present without that last token (one
+    that was deferred by a ``stop_condition``) does not count again; a new occurrence of it
+    does. When the token completed several stop strings, the one whose new occurrence starts
+    first is named (as `stop_cut` does).
+
+    >>> text = {(1,): "```", (1, 2): "```\\n", (1, 2, 3): "```\\nx"}
+    >>> decode = lambda ids: text.get(tuple(ids), "")
+    >>> completed_stop([1, 2], decode, ["```\\n"]), completed_stop([1, 2, 3], decode, ["```\\n"])
+    ('```\\n', None)
+    """
+    if text is None:
+        text = decode(tail)
+    if not any(s in text for s in stops):
+        return None
+    before = decode(tail[:-1])
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        starts = _occurrences(text, stop)
+        seen = len(_occurrences(before, stop))
+        if len(starts) > seen and (best is None or starts[seen] < best[0]):
+            best = (starts[seen], stop)
+    return None if best is None else best[1]
+
+
+def conditional_stop_cut(
+    token_ids: Sequence[int],
+    decode: Callable[[Sequence[int]], str],
+    stops: Sequence[str],
+    condition: Callable[[Sequence[int]], bool] | None,
+    start: int = 0,
+) -> tuple[int, str | None]:
+    """Replay the engine's stop rule over finished token ids, with a ``stop_condition``.
+
+    The shortest prefix ``token_ids[:n]`` with ``n > start`` whose last token completes a stop
+    string that ``condition`` accepts (any stop when ``condition`` is None). Returns
+    ``(n, stop)``, or ``(len(token_ids), None)`` when there is none. Exactly what `HFEngine`
+    decides token by token, for engines that can only stop on plain stop strings (VLLMEngine
+    samples on without stop strings, then cuts here). O(len) decodes of `stop_window` tokens.
+    """
+    window = stop_window(stops)
+    ids = list(token_ids)
+    if not stops:
+        return len(ids), None
+    for n in range(start + 1, len(ids) + 1):
+        stop = completed_stop(ids[max(0, n - window) : n], decode, stops)
+        if stop is not None and (condition is None or condition(ids[:n])):
+            return n, stop
+    return len(ids), None
+
+
+def _occurrences(text: str, sub: str) -> list[int]:
+    """Start index of every (possibly overlapping) occurrence of ``sub`` in ``text``."""
+    found, i = [], text.find(sub)
+    while i >= 0:
+        found.append(i)
+        i = text.find(sub, i + 1)
+    return found
 
 
 def stop_window(stops: Sequence[str]) -> int:

@@ -10,7 +10,9 @@ does not give together: exact per-token log-probs of the temperature-scaled dist
 top-p/top-k (see `alp_agents.engines.base` for the convention), stop strings matched on the new
 text with the cut on token ids, and finished rows DROPPED from the batch (their KV-cache rows are
 removed), so a ragged batch does not keep spending compute on padding. Identical prompts (the
-``group_size`` copies of a GRPO prompt) are prefilled once and their cache rows copied.
+``group_size`` copies of a GRPO prompt) are prefilled once and their cache rows copied. A stop
+string that ``SamplingParams.stop_condition`` rejects does not end the row: it goes on sampling
+in the same call with its KV cache (``stats["deferred_stops"]`` counts those).
 
 Example::
 
@@ -34,7 +36,13 @@ from typing import Any
 
 import torch
 
-from alp_agents.engines.base import Sample, SamplingParams, stop_cut, stop_window
+from alp_agents.engines.base import (
+    Sample,
+    SamplingParams,
+    completed_stop,
+    stop_cut,
+    stop_window,
+)
 from alp_agents.models import cache_argument, make_lm_head_input_contiguous
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -176,7 +184,12 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = self._eos_ids(self.model, tokenizer)
         self._cache_kwarg = cache_argument(self.model)
-        self.stats = {"generate_calls": 0, "generated_tokens": 0, "forward_rows": 0}
+        self.stats = {
+            "generate_calls": 0,
+            "generated_tokens": 0,
+            "forward_rows": 0,
+            "deferred_stops": 0,  # stop strings a stop_condition rejected (row kept going)
+        }
 
     # ------------------------------------------------------------------ weights
     def _copy_of(self, model: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
@@ -249,8 +262,8 @@ class HFEngine:
         """Sample a continuation for every prompt (token ids in, token ids out).
 
         ``sampling`` is one `SamplingParams` for all prompts or one per prompt; per-prompt lists
-        may differ only in ``max_tokens``, ``stop`` and ``stop_token_ids`` (the agent loop gives
-        each episode the budget it has left).
+        may differ only in ``max_tokens``, ``stop``, ``stop_token_ids`` and ``stop_condition``
+        (the agent loop gives each episode the budget it has left and its env's completion rule).
         """
         if not prompts:
             return []
@@ -291,7 +304,7 @@ class HFEngine:
                     raise ValueError(
                         f"SamplingParams[{i}].{name}={getattr(p, name)!r} differs from "
                         f"SamplingParams[0].{name}={getattr(first, name)!r}; only max_tokens, "
-                        "stop and stop_token_ids may vary per prompt"
+                        "stop, stop_token_ids and stop_condition may vary per prompt"
                     )
         return per_prompt
 
@@ -323,6 +336,7 @@ class HFEngine:
 
         new_ids: list[list[int]] = [[] for _ in range(rows)]
         new_lps: list[list[float]] = [[] for _ in range(rows)]
+        deferred = [False] * rows  # a stop string of this row was deferred (stop_condition)
         done: list[Sample | None] = [None] * rows
         live = list(range(rows))  # original row of each batch row
         cache = DynamicCache(config=self.model.config)
@@ -342,7 +356,9 @@ class HFEngine:
                 tok = tokens_list[b]
                 new_ids[r].append(tok)
                 new_lps[r].append(lps_list[b])
-                finished = self._finished(new_ids[r], tok, stop_ids[r], params[r], windows[r])
+                finished = self._finished(
+                    new_ids[r], tok, stop_ids[r], params[r], windows[r], deferred, r
+                )
                 if finished is None and len(new_ids[r]) >= max_new[r]:
                     finished = ("length", None)
                 if finished is None:
@@ -385,6 +401,8 @@ class HFEngine:
         stop_ids: set[int],
         params: SamplingParams,
         window: int,
+        deferred: list[bool],
+        row: int,
     ) -> tuple[str, str | None] | None:
         if token in stop_ids:
             return ("eos", None)
@@ -392,9 +410,18 @@ class HFEngine:
             tail = ids[-window:]
             text = self.tokenizer.decode(tail, skip_special_tokens=False)
             if any(s in text for s in params.stop):
-                # Checked after every token, so the newest token completed the stop string and
-                # the cut is right here, on token ids; `stop_cut` names the stop that came first.
-                return ("stop", stop_cut(tail, self._decode, params.stop)[1])
+                if not deferred[row]:
+                    # Checked after every token and no stop was passed over, so the newest token
+                    # completed the stop string: the cut is right here, on token ids; `stop_cut`
+                    # names the stop that came first.
+                    stop = stop_cut(tail, self._decode, params.stop)[1]
+                else:  # a deferred stop may still be in the window: only a new one counts
+                    stop = completed_stop(tail, self._decode, params.stop, text)
+                if stop is not None:
+                    if params.stop_condition is None or params.stop_condition(list(ids)):
+                        return ("stop", stop)
+                    deferred[row] = True  # not the end (e.g. a bare fence): keep sampling
+                    self.stats["deferred_stops"] += 1
         return None
 
     def _decode(self, ids: Sequence[int]) -> str:

@@ -5,6 +5,23 @@ sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weigh
 through ``LLM.collective_rpc`` into every worker's ``model.load_weights`` (no restart), then the
 prefix cache is reset so no stale KV blocks survive the update.
 
+Seeds: vLLM seeds each REQUEST with its ``SamplingParams.seed``, so identical prompts with one seed
+(a GRPO group) would all get the same sample. Each request therefore gets its own seed derived
+from ``(seed, request index, pass)``: reproducible, and the copies of a prompt differ.
+
+Conditional stops (``SamplingParams.stop_condition``): vLLM ends a request at the first stop
+string and has no per-request predicate, so ``generate`` makes at most two passes
+(`generate_in_two_passes`). The first uses the stop strings; a row whose stop the predicate
+rejects (e.g. a bare ``"```\\n"`` fence) is continued in ONE follow-up request (prompt + its ids
+so far, the remaining budget, NO stop strings), and the cut is then made on token ids by
+replaying the engine rule (`conditional_stop_cut`: the first later stop string the predicate
+accepts). The follow-up's prefill of the already-computed tokens is served by vLLM's automatic
+prefix caching (enabled here) except the last partial KV block. The price: a continued row
+samples to its budget, EOS or stop token even if an accepted stop came earlier (those extra
+tokens are discarded, never returned). Verified on the development machine only through the
+pure functions and `generate_in_two_passes` driven by HFEngine (vllm is not installed there);
+the prefix-cache hit rate and the real vLLM path are unmeasured, and the vLLM test skips.
+
 Log-prob convention: the engine is created with ``logprobs_mode="processed_logprobs"``, i.e.
 ``log_softmax(logits / temperature)`` in float32, which is `alp_agents.engines.base`'s convention
 whenever top-k/top-p are off (always in training). With top-p/top-k on (evaluation) vLLM reports
@@ -23,11 +40,12 @@ Example (needs vllm)::
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from alp_agents.engines.base import Sample, SamplingParams, stop_cut
+from alp_agents.engines.base import Sample, SamplingParams, conditional_stop_cut, stop_cut
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -49,6 +67,94 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> int:
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     loaded = model.load_weights(weights=iter(weights))
     return len(loaded) if loaded is not None else len(weights)
+
+
+def request_seed(seed: int | None, index: int, pass_: int = 0) -> int | None:
+    """A per-request vLLM seed from the call's seed, the request's index and the pass (63 bits).
+
+    >>> request_seed(None, 3) is None, request_seed(7, 0) == request_seed(7, 0) != request_seed(7, 1)
+    (True, True)
+    """
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{index}:{pass_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def join_continuation(
+    head: Sample,
+    tail: Sample,
+    params: SamplingParams,
+    decode: Callable[[Sequence[int]], str],
+) -> Sample:
+    """One sample from a row whose stop ``params.stop_condition`` rejected (``head``) and its
+    follow-up sampled WITHOUT stop strings (``tail``, finish ``"eos"`` or ``"length"``): the ids
+    are cut after the first later stop string the predicate accepts, as HFEngine would have."""
+    ids = head.token_ids + tail.token_ids
+    lps = head.logprobs + tail.logprobs
+    n, stop = conditional_stop_cut(
+        ids, decode, params.stop, params.stop_condition, start=len(head.token_ids)
+    )
+    if stop is not None:
+        return Sample(ids[:n], lps[:n], "stop", stop)
+    return Sample(ids, lps, tail.finish_reason, None)
+
+
+Run = Callable[[list[list[int]], list[SamplingParams], list[int], int], list[Sample]]
+
+
+def generate_in_two_passes(
+    run: Run,
+    prompts: Sequence[Sequence[int]],
+    per_prompt: Sequence[SamplingParams],
+    decode: Callable[[Sequence[int]], str],
+    stats: dict[str, Any] | None = None,
+) -> list[Sample]:
+    """``stop_condition`` on an engine that only knows plain stop strings (VLLMEngine's logic).
+
+    ``run(prompts, params, indices, pass_)`` samples one `Sample` per prompt, ending each at its
+    first stop string (cut on token ids), EOS / stop token or ``max_tokens``, and ignoring
+    ``stop_condition``; ``indices`` are the rows' positions in the call (for per-request seeds).
+    Pass 0 runs every prompt. A row ended by a stop string its ``stop_condition`` rejects is run
+    once more from ``prompt + its ids`` with the remaining budget and no stop strings (pass 1),
+    and the joined ids are cut where HFEngine would have stopped (`join_continuation`). Counts
+    ``deferred_stops`` (pass-0 rejections) and ``continued_rows`` in ``stats``.
+    """
+    stats = stats if stats is not None else {}
+    samples = run([list(p) for p in prompts], list(per_prompt), list(range(len(prompts))), 0)
+    follow = []
+    for i, (sample, params) in enumerate(zip(samples, per_prompt, strict=True)):
+        if (
+            sample.finish_reason != "stop"
+            or params.stop_condition is None
+            or params.stop_condition(list(sample.token_ids))
+        ):
+            continue
+        stats["deferred_stops"] = stats.get("deferred_stops", 0) + 1
+        if len(sample.token_ids) < params.max_tokens:
+            follow.append(i)
+        else:  # the budget is spent on a stop that does not end the row: a length cut
+            samples[i] = Sample(sample.token_ids, sample.logprobs, "length", None)
+    if not follow:
+        return samples
+    stats["continued_rows"] = stats.get("continued_rows", 0) + len(follow)
+    heads = [samples[i] for i in follow]
+    tails = run(
+        [list(prompts[i]) + head.token_ids for i, head in zip(follow, heads, strict=True)],
+        [
+            per_prompt[i].replace(
+                stop=[],
+                stop_condition=None,
+                max_tokens=per_prompt[i].max_tokens - len(head.token_ids),
+            )
+            for i, head in zip(follow, heads, strict=True)
+        ],
+        follow,
+        1,
+    )
+    for i, head, tail in zip(follow, heads, tails, strict=True):
+        samples[i] = join_continuation(head, tail, per_prompt[i], decode)
+    return samples
 
 
 class VLLMEngine:
@@ -99,9 +205,14 @@ class VLLMEngine:
             **llm_kwargs,
         )
         self._vllm = vllm
-        self.stats = {"generate_calls": 0, "generated_tokens": 0}
+        self.stats = {
+            "generate_calls": 0,
+            "generated_tokens": 0,
+            "deferred_stops": 0,  # first-pass stops a stop_condition rejected
+            "continued_rows": 0,  # follow-up requests made for them
+        }
 
-    def _params(self, p: SamplingParams) -> Any:
+    def _params(self, p: SamplingParams, index: int, pass_: int) -> Any:
         return self._vllm.SamplingParams(
             n=1,
             temperature=p.temperature,
@@ -112,29 +223,45 @@ class VLLMEngine:
             stop_token_ids=list(p.stop_token_ids) or None,
             include_stop_str_in_output=True,
             skip_special_tokens=False,
-            seed=p.seed,
+            seed=request_seed(p.seed, index, pass_),
             logprobs=0,
         )
 
     def generate(
         self, prompts: list[list[int]], sampling: SamplingParams | Sequence[SamplingParams]
     ) -> list[Sample]:
-        """One `Sample` per prompt; stop-string cuts re-checked on token ids (`stop_cut`)."""
+        """One `Sample` per prompt; stop-string cuts re-checked on token ids (`stop_cut`).
+
+        A ``stop_condition`` is honoured with at most one follow-up request per row
+        (`generate_in_two_passes`, module docstring).
+        """
         if not prompts:
             return []
-        from vllm.inputs import TokensPrompt
-
         per_prompt = (
             [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         )
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        self.stats["generate_calls"] += 1
+        samples = generate_in_two_passes(self._run, prompts, per_prompt, self._decode, self.stats)
+        self.stats["generated_tokens"] += sum(len(s.token_ids) for s in samples)
+        return samples
+
+    def _run(
+        self,
+        prompts: list[list[int]],
+        per_prompt: list[SamplingParams],
+        indices: list[int],
+        pass_: int,
+    ) -> list[Sample]:
+        """One ``llm.generate`` call; samples cut at the first stop string on token ids."""
+        from vllm.inputs import TokensPrompt
+
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            [self._params(p) for p in per_prompt],
+            [self._params(p, i, pass_) for p, i in zip(per_prompt, indices, strict=True)],
             use_tqdm=False,
         )
-        self.stats["generate_calls"] += 1
         samples = []
         for out, params in zip(outputs, per_prompt, strict=True):
             completion = out.outputs[0]
@@ -150,7 +277,6 @@ class VLLMEngine:
                 stop = stop or completion.stop_reason
             else:
                 reason, stop = "eos", None
-            self.stats["generated_tokens"] += len(ids)
             samples.append(Sample(ids, lps, reason, stop))
         return samples
 

@@ -1,4 +1,6 @@
-"""Test helpers: three chat templates, and an engine wrapper that records its calls."""
+"""Test helpers: three chat templates, an engine wrapper that records its calls, an engine wrapper
+that ignores ``stop_condition`` (an engine without the feature), and a logits bias that forces
+a policy's next tokens (a degenerate policy on a real model)."""
 
 from __future__ import annotations
 
@@ -112,3 +114,70 @@ def check_token_in_token_out(trajectories, calls) -> None:
     for t_i, traj in enumerate(trajectories):
         sampled = {k for k, m in enumerate(traj.loss_mask) if m == 1}
         assert sampled == claimed[t_i], f"trajectory {t_i}: mask-1 tokens the engine did not sample"
+
+
+@dataclass
+class IgnoresStopCondition:
+    """A real engine as an engine WITHOUT ``stop_condition`` support: the predicate is dropped,
+    so every stop string ends a sample (the engine behaviour before conditional stops)."""
+
+    engine: Any
+
+    def generate(self, prompts, sampling):
+        if isinstance(sampling, list | tuple):
+            sampling = [p.replace(stop_condition=None) for p in sampling]
+        else:
+            sampling = sampling.replace(stop_condition=None)
+        return self.engine.generate(prompts, sampling)
+
+    def update_weights(self, model_or_state_dict):
+        self.engine.update_weights(model_or_state_dict)
+
+
+def force_next_tokens(model, choose, bias: float = 40.0):
+    """Add ``bias`` to one logit per row in every forward of ``model`` (a transformers causal LM,
+    e.g. an engine's copy): ``choose(last_ids, positions)`` gets the last input id and its
+    position id per row (``(B,)`` tensors) and returns the id to force per row (-1: none).
+
+    A +40 logit makes the forced token all but certain (the rest of a 49k vocabulary keeps
+    ~e-40 of the mass) while log-probs stay finite. Returns the hook handle (``.remove()``).
+    """
+    import torch
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+        target = choose(ids[:, -1], positions[:, -1])
+        rows = (target >= 0).nonzero().squeeze(-1)
+        output.logits[rows, -1, target[rows]] += bias
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def fence_forever(fence_id: int, newline_id: int):
+    """``choose`` for `force_next_tokens`: after ``fence_id`` a newline, else the fence, so the
+    policy writes ``"```\\n```\\n```\\n..."`` whatever the prompt (the degenerate turn of the issue)."""
+    import torch
+
+    def choose(last, positions):
+        return torch.where(last == fence_id, newline_id, fence_id)
+
+    return choose
+
+
+def scripted(script: list[int], start: int):
+    """``choose`` for `force_next_tokens`: the token at position ``start + k`` is ``script[k]``
+    (``start`` = the prompt length: every row of the batch must share it)."""
+    import torch
+
+    table = torch.tensor(script, dtype=torch.long)
+
+    def choose(last, positions):
+        k = positions + 1 - start
+        inside = (k >= 0) & (k < len(script))
+        return torch.where(inside, table[k.clamp(0, len(script) - 1)], -1)
+
+    return choose

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import envs
 from alp_agents.engines import (
     HFEngine,
     InferenceEngine,
@@ -14,7 +15,11 @@ from alp_agents.engines import (
     stop_cut,
     vllm_unavailable_reason,
 )
+from alp_agents.engines.base import completed_stop, conditional_stop_cut
+from alp_agents.engines.vllm import generate_in_two_passes, join_continuation, request_seed
 from alp_agents.models import make_tiny_model
+
+from .rollout_helpers import fence_forever, force_next_tokens, scripted
 
 PROMPTS_TEXT = [
     "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
@@ -45,7 +50,11 @@ def test_protocol_and_sampling_params_validation(tokenizer):
         SamplingParams(stop="```")
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
-    with pytest.raises(ValueError, match="only max_tokens, stop and stop_token_ids"):
+    with pytest.raises(TypeError, match="stop_condition"):
+        SamplingParams(stop_condition="```")
+    with_condition = SamplingParams(stop=["x"], stop_condition=bool)
+    assert with_condition.replace(max_tokens=3).stop_condition is bool
+    with pytest.raises(ValueError, match="only max_tokens, stop, stop_token_ids and stop_cond"):
         engine.generate(prompts(tokenizer)[:2], [SamplingParams(), SamplingParams(temperature=0.5)])
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         engine.generate(prompts(tokenizer), [SamplingParams()] * 2)
@@ -291,3 +300,134 @@ def test_round_weights_to_stores_bf16_values_and_computes_in_float32(tokenizer):
     a, b = exact.generate([prompt], params)[0], rounded.generate([prompt], params)[0]
     n = min(len(a.token_ids), len(b.token_ids))
     assert n and a.logprobs[:n] != b.logprobs[:n]
+
+
+# ------------------------------------------------------------------ conditional stop strings
+
+
+def python_tool_rule(tokenizer):
+    """The real PythonTool env's completion rule on token ids (what run_episodes passes)."""
+    env = envs.make("alp/PythonTool-v0", dataset="arith", split="train")
+    return lambda ids: env.response_is_complete(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def test_stop_condition_samples_through_rejected_stops_in_the_same_call(tokenizer):
+    """A stop string the predicate rejects does not end the row: it goes on in the SAME call
+    (one prefill, one decode step per token: the KV cache is reused) and the sample is exactly
+    the unconditioned sample's prefix up to the first accepted stop, token ids and log-probs."""
+    engine = HFEngine(make_tiny_model(), tokenizer, dtype=torch.float32)
+    ps = prompts(tokenizer)[:1]
+    params = SamplingParams(max_tokens=40, seed=11)
+    [free] = engine.generate(ps, params)
+    assert free.finish_reason == "length"
+    texts = [tokenizer.decode(free.token_ids[:n]) for n in range(len(free.token_ids) + 1)]
+    # A character that three different tokens complete: the third occurrence is accepted.
+    char, grows = next(
+        (c, [n for n in range(1, 41) if texts[n].count(c) > texts[n - 1].count(c)])
+        for c in " etaoinsrl"
+        if sum(texts[n].count(c) > texts[n - 1].count(c) for n in range(1, 41)) >= 3
+    )
+    end = next(n for n in grows if texts[n].count(char) >= 3)
+    seen = []
+
+    def third(ids):
+        seen.append(len(ids))
+        return tokenizer.decode(ids).count(char) >= 3
+
+    before = dict(engine.stats)
+    [cut] = engine.generate(ps, params.replace(stop=[char], stop_condition=third))
+    assert cut.finish_reason == "stop" and cut.stop_string == char
+    assert cut.token_ids == free.token_ids[:end] and cut.logprobs == free.logprobs[:end]
+    assert seen == [n for n in grows if n <= end]  # called once per completed stop, no more
+    assert engine.stats["deferred_stops"] - before["deferred_stops"] == len(seen) - 1
+    assert engine.stats["generate_calls"] - before["generate_calls"] == 1
+    assert engine.stats["forward_rows"] - before["forward_rows"] == end  # 1 prefill + end-1 steps
+    # The replay used by VLLMEngine finds the same cut on the finished ids.
+    assert conditional_stop_cut(free.token_ids, tokenizer.decode, [char], third) == (end, char)
+    # A predicate that never accepts: the row runs to max_tokens like the free sample.
+    [never] = engine.generate(ps, params.replace(stop=[char], stop_condition=lambda ids: False))
+    assert never.finish_reason == "length" and never.stop_string is None
+    assert never.token_ids == free.token_ids and never.logprobs == free.logprobs
+
+
+def test_degenerate_bare_fences_end_at_the_length_limit_in_one_call(tokenizer):
+    """The issue's collapsed policy ("```\\n" repeated) under the PythonTool completion rule:
+    one call, every fence deferred, finish "length" with the whole budget; the same call's
+    row WITHOUT the predicate (per-prompt params) still stops at its first fence."""
+    engine = HFEngine(make_tiny_model(), tokenizer, dtype=torch.float32)
+    fence, newline = tokenizer.encode("```\n", add_special_tokens=False)
+    force_next_tokens(engine.model, fence_forever(fence, newline))
+    plain = SamplingParams(max_tokens=20, stop=["```\n"], seed=0)
+    conditional = plain.replace(stop_condition=python_tool_rule(tokenizer))
+    ps = prompts(tokenizer)[:2]
+    before = dict(engine.stats)
+    first, degenerate = engine.generate(ps, [plain, conditional])
+    assert first.token_ids == [fence, newline] and first.finish_reason == "stop"
+    assert first.stop_string == "```\n"
+    assert degenerate.token_ids == [fence, newline] * 10
+    assert degenerate.finish_reason == "length" and degenerate.stop_string is None
+    assert all(-1e-3 < lp <= 0.0 for lp in degenerate.logprobs)  # forced, still real log-probs
+    assert engine.stats["deferred_stops"] - before["deferred_stops"] == 10
+    assert engine.stats["generate_calls"] - before["generate_calls"] == 1
+
+
+def test_completed_stop_ignores_a_deferred_occurrence_still_in_the_window(tokenizer):
+    ids = tokenizer.encode("```\n```\n", add_special_tokens=False)  # ``` \n ``` \n
+    assert len(ids) == 4
+    decode = tokenizer.decode
+    assert completed_stop(ids[:2], decode, ["```\n"]) == "```\n"
+    assert completed_stop(ids[:3], decode, ["```\n"]) is None  # only the old fence
+    assert completed_stop(ids[:4], decode, ["```\n"]) == "```\n"  # a new one
+    assert completed_stop(ids[:1], decode, ["```\n"]) is None
+    # Two stops completed by the same token: the one whose new occurrence starts first.
+    assert completed_stop(ids[:2], decode, ["\n", "```\n"]) == "```\n"
+
+
+def test_join_continuation_cuts_where_the_predicate_accepts(tokenizer):
+    """VLLMEngine's second pass: the joined ids are cut after the first accepted stop."""
+    rule = python_tool_rule(tokenizer)
+    ids = tokenizer.encode("```\n```python\nprint(1)\n```\nmore ```\n", add_special_tokens=False)
+    close = len(tokenizer.encode("```\n```python\nprint(1)\n```\n", add_special_tokens=False))
+    lps = [-0.01 * (k + 1) for k in range(len(ids))]
+    params = SamplingParams(max_tokens=64, stop=["```\n"], stop_condition=rule)
+    head = Sample(ids[:2], lps[:2], "stop", "```\n")
+    tail = Sample(ids[2:], lps[2:], "length")
+    joined = join_continuation(head, tail, params, tokenizer.decode)
+    assert joined == Sample(ids[:close], lps[:close], "stop", "```\n")
+    bare = tokenizer.encode("```\nx = 1\n```\n", add_special_tokens=False)  # no python block
+    tail = Sample(bare[2:] + [2], [-0.5] * (len(bare) - 1), "eos")
+    joined = join_continuation(Sample(bare[:2], [-0.1, -0.2], "stop", "```\n"), tail, params,
+                               tokenizer.decode)  # fmt: skip
+    assert joined.finish_reason == "eos" and joined.token_ids == bare + [2]
+    assert request_seed(None, 0) is None
+    assert len({request_seed(5, i, p) for i in range(4) for p in (0, 1)}) == 8
+
+
+def test_two_pass_generation_equals_one_conditional_call(tokenizer):
+    """`generate_in_two_passes` (VLLMEngine's algorithm) driven by a plain-stop engine gives
+    the same token ids as HFEngine's one conditional call: a scripted policy writes a bare
+    fence, then a python block, then goes on; a fence-forever policy never completes."""
+    engine = HFEngine(make_tiny_model(), tokenizer, dtype=torch.float32)
+    [prompt] = prompts(tokenizer)[:1]
+    turn = tokenizer.encode("```\n```python\nprint(1)\n```\n", add_special_tokens=False)
+    script = turn + tokenizer.encode("and more text here", add_special_tokens=False)
+    hook = force_next_tokens(engine.model, scripted(script, start=len(prompt)))
+    plain = SamplingParams(max_tokens=24, stop=["```\n"], seed=0)
+    params = [plain, plain.replace(stop_condition=python_tool_rule(tokenizer))]
+
+    def run(prompts_, params_, indices, pass_):  # an engine without stop_condition
+        return engine.generate(prompts_, [p.replace(stop_condition=None) for p in params_])
+
+    one_call = engine.generate([prompt, prompt], params)
+    stats = {}
+    two_pass = generate_in_two_passes(run, [prompt, prompt], params, tokenizer.decode, stats)
+    assert one_call[0].token_ids == two_pass[0].token_ids == turn[:2]
+    assert one_call[1].token_ids == two_pass[1].token_ids == turn
+    assert one_call[1].finish_reason == two_pass[1].finish_reason == "stop"
+    assert two_pass[1].logprobs == pytest.approx(one_call[1].logprobs, abs=1e-4)
+    assert stats == {"deferred_stops": 1, "continued_rows": 1}
+    hook.remove()
+    fence, newline = turn[:2]
+    force_next_tokens(engine.model, fence_forever(fence, newline))
+    [never] = generate_in_two_passes(run, [prompt], params[1:], tokenizer.decode)
+    assert never.token_ids == [fence, newline] * 12 and never.finish_reason == "length"

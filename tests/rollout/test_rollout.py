@@ -17,7 +17,15 @@ from alp_agents.models import make_tiny_model
 from alp_agents.rollout import run_episodes
 
 from .conftest import real_engine_for
-from .rollout_helpers import TEMPLATES, RecordingEngine, check_token_in_token_out
+from .rollout_helpers import (
+    TEMPLATES,
+    IgnoresStopCondition,
+    RecordingEngine,
+    check_token_in_token_out,
+    fence_forever,
+    force_next_tokens,
+    scripted,
+)
 
 # bf16 engine vs one full bf16 forward (see test_engines.py). Multi-turn contexts are longer and
 # temperature 0.7 scales logits by 1/0.7: measured mean 0.008 nats, one token at 0.53. On CPUs
@@ -162,6 +170,129 @@ def test_env_factory_and_problem_ids(template_tokenizers):
     assert [t.problem_id for t in trajs] == ids
     with pytest.raises(ValueError, match="group_size"):
         run_episodes("alp/Math-v0", tiny_engine(tok), tok, ids, 0, SamplingParams())
+
+
+# ------------------------------------------------------------------- degenerate turns (fast)
+
+
+def fence_engine(tok):
+    """A tiny model forced to write "```\\n```\\n```\\n..." (the issue's collapsed policy)."""
+    engine = HFEngine(make_tiny_model(tokenizer=tok), tok, dtype=torch.float32)
+    fence, newline = tok.encode("```\n", add_special_tokens=False)
+    force_next_tokens(engine.model, fence_forever(fence, newline))
+    return engine, [fence, newline]
+
+
+def check_episodes(trajs, engine, tok):
+    check_token_in_token_out(trajs, engine.calls)
+    for traj in trajs:
+        traj.validate()
+        check_template_tokens(traj, tok)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_degenerate_turn_ends_in_one_round(template_tokenizers, name):
+    """The issue's collapse: a policy repeating a bare fence ("```\\n" matches the PythonTool
+    stop string but the turn has no python block). The engine samples through every fence in
+    ONE generate call (the env's completion rule is its stop_condition), the turn ends at the
+    token budget with finish "length" (the env's void verdict kept in metrics), and the
+    trajectory is token-exact."""
+    tok = template_tokenizers[name]
+    hf, fence = fence_engine(tok)
+    engine = RecordingEngine(hf)
+    stats = {}
+    trajs = run_episodes(
+        "alp/PythonTool-v0", engine, tok, problems(2), group_size=2,
+        sampling=SamplingParams(max_tokens=16), env_kwargs=ARITH, max_turns=2, progress=False,
+        seed=0, stats=stats,
+    )  # fmt: skip
+    assert engine.rounds == stats["rounds"] == 1  # <= max_turns; before: 8 rounds
+    assert hf.stats["generate_calls"] == 1
+    assert stats["deferred_stops"] == 4 * 8 == hf.stats["deferred_stops"]
+    assert stats["continuations"] == stats["capped_turns"] == 0
+    for traj in trajs:
+        assert traj.sampled_ids(0) == fence * 8 and traj.num_turns == 1
+        assert traj.metrics["turns"] == [{"generated": 16, "segments": 1, "finish": "length"}]
+        assert traj.metrics["deferred_stops"] == 8
+        assert traj.finish_reason == "length" and traj.metrics["env_finish_reason"] == "void_turn"
+        assert traj.num_void_turns == 0  # a turn cut by the budget is not a void turn
+    check_episodes(trajs, engine, tok)
+
+
+def test_engine_ignoring_stop_condition_is_bounded_by_max_rounds_per_turn(template_tokenizers):
+    """The safety net: an engine that stops at every stop string (the old behaviour) gets at
+    most max_rounds_per_turn generate calls per turn, counted in stats and metrics; uncapped
+    it needs one round per fence (the collapse of the issue)."""
+    tok = template_tokenizers["smollm2"]
+    hf, fence = fence_engine(tok)
+    kwargs = dict(env_kwargs=ARITH, max_turns=2, progress=False, seed=0)
+    engine, stats = RecordingEngine(IgnoresStopCondition(hf)), {}
+    trajs = run_episodes("alp/PythonTool-v0", engine, tok, problems(2), 2,
+                         SamplingParams(max_tokens=16), max_rounds_per_turn=3, stats=stats,
+                         **kwargs)  # fmt: skip
+    assert engine.rounds == stats["rounds"] == 3
+    assert stats["continuations"] == 4 * 2 and stats["capped_turns"] == 4
+    assert stats["deferred_stops"] == 0
+    for traj in trajs:
+        assert traj.sampled_ids(0) == fence * 3
+        assert traj.metrics["turns"] == [
+            {"generated": 6, "segments": 3, "finish": "stop", "capped": True}
+        ]
+        assert traj.finish_reason == "void_turn" and traj.num_void_turns == 1
+    check_episodes(trajs, engine, tok)
+    engine, stats = RecordingEngine(IgnoresStopCondition(hf)), {}
+    trajs = run_episodes("alp/PythonTool-v0", engine, tok, problems(1), 1,
+                         SamplingParams(max_tokens=16), max_rounds_per_turn=100, stats=stats,
+                         **kwargs)  # fmt: skip
+    assert engine.rounds == stats["rounds"] == 8 and stats["capped_turns"] == 0
+    assert trajs[0].sampled_ids(0) == fence * 8
+    check_episodes(trajs, engine, tok)
+    with pytest.raises(ValueError, match="max_rounds_per_turn"):
+        run_episodes("alp/PythonTool-v0", hf, tok, problems(1), 1, SamplingParams(),
+                     max_rounds_per_turn=0, **kwargs)  # fmt: skip
+    with pytest.raises(ValueError, match="stop_condition"):
+        run_episodes("alp/PythonTool-v0", hf, tok, problems(1), 1,
+                     SamplingParams(stop_condition=bool), **kwargs)  # fmt: skip
+
+
+def test_bare_fence_then_a_python_block_is_one_turn_in_one_round(template_tokenizers):
+    """A turn that opens a bare fence and then writes a real python block: the engine passes
+    the bare fence and stops at the block's closing fence (finish "stop") in one call, the env
+    runs the code in the sandbox; an engine ignoring the predicate needs two rounds for the
+    same turn and gives the very same tokens."""
+    tok = template_tokenizers["smollm2"]
+    prompt = ChatDelta(tok, envs.make("alp/PythonTool-v0", **ARITH).reset(
+        options={"problem_id": problems(1)[0].id})[1]["messages"]).prompt_ids  # fmt: skip
+    turn = tok.encode("```\n```python\nprint(1)\n```\n", add_special_tokens=False)
+    hf = HFEngine(make_tiny_model(tokenizer=tok), tok, dtype=torch.float32)
+    force_next_tokens(hf.model, scripted(turn + [turn[0]] * 8, start=len(prompt)))
+    runs = {}
+    for label, engine in (("one call", hf), ("fallback", IgnoresStopCondition(hf))):
+        recording, stats = RecordingEngine(engine), {}
+        trajs = run_episodes(
+            "alp/PythonTool-v0", recording, tok, problems(1), group_size=2,
+            sampling=SamplingParams(max_tokens=32), env_kwargs=ARITH, max_turns=1,
+            progress=False, seed=0, stats=stats,
+        )  # fmt: skip
+        check_episodes(trajs, recording, tok)
+        runs[label] = (trajs, stats)
+    trajs, stats = runs["one call"]
+    assert stats["rounds"] == 1 and stats["deferred_stops"] == 2 and stats["continuations"] == 0
+    for traj in trajs:
+        assert traj.sampled_ids(0) == turn
+        assert traj.metrics["turns"][0]["segments"] == 1
+        assert traj.metrics["turns"][0]["finish"] == "stop"
+        assert traj.num_tool_calls == 1 and traj.finish_reason == "max_turns"
+    fallback, stats = runs["fallback"]
+    assert stats["rounds"] == 2 and stats["continuations"] == 2
+    for a, b in zip(trajs, fallback, strict=True):
+        assert b.metrics["turns"][0]["segments"] == 2
+        assert (a.response_ids, a.loss_mask, a.messages) == (
+            b.response_ids,
+            b.loss_mask,
+            b.messages,
+        )
+        assert a.infer_logprobs == pytest.approx(b.infer_logprobs, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------ slow: SmolLM2
