@@ -10,9 +10,17 @@ absolute numbers are noisy):
 2. multi-turn (alp/PythonTool-v0 on the real sandbox): share of ``run_episodes`` wall time spent
    outside ``engine.generate`` (env steps, sandbox, grading, template deltas). Target <= 15%.
 3. VLLMEngine vs HFEngine tokens/s on the same prompts, when vllm is importable.
+4. degenerate policy (alp/PythonTool-v0 on the real sandbox): the same model forced by a logits
+   bias to repeat a bare fence ("```\\n```\\n...", the collapse of docs/rollout.md) against the
+   healthy model, same problems and settings: generated tok/s over the whole ``run_episodes``
+   call and generate rounds. Target: >= 0.8x the healthy tok/s and rounds <= max_turns.
+   ``--legacy`` adds the engine WITHOUT stop_condition support, uncapped (the behaviour before
+   the fix: one round per fence) and with the default ``max_rounds_per_turn`` safety net.
 
     python bench/rollout_bench.py                 # 16 episodes, 96 tokens per turn
     python bench/rollout_bench.py --problems 8 --max-tokens 128 --repeats 3   # steadier
+    python bench/rollout_bench.py --skip single multi vllm --dataset arith_hard --problems 8 \\
+        --max-tokens 64 --max-turns 2 --legacy   # the issue's degenerate table
 """
 
 from __future__ import annotations
@@ -94,7 +102,7 @@ def single_turn(engine, tok, problems, group_size, max_tokens, repeats):
     return statistics.median(ratios)
 
 
-def multi_turn(engine, tok, problems, group_size, max_tokens, max_turns):
+def multi_turn(engine, tok, problems, group_size, max_tokens, max_turns, dataset="arith"):
     from alp_agents.engines import SamplingParams
     from alp_agents.rollout import run_episodes
 
@@ -102,7 +110,7 @@ def multi_turn(engine, tok, problems, group_size, max_tokens, max_turns):
     trajs = run_episodes(
         "alp/PythonTool-v0", engine, tok, problems, group_size,
         SamplingParams(max_tokens=max_tokens, temperature=1.0),
-        env_kwargs={"dataset": "arith", "split": "train"}, max_turns=max_turns,
+        env_kwargs={"dataset": dataset, "split": "train"}, max_turns=max_turns,
         progress=False, seed=0, stats=stats,
     )  # fmt: skip
     outside = 1.0 - stats["generate_s"] / stats["total_s"]
@@ -145,6 +153,99 @@ def vllm_vs_hf(hf_engine, tok, problems, max_tokens):
           f"{result['vllm'] / result['hf']:.2f}x")  # fmt: skip
 
 
+class _IgnoresStopCondition:
+    """An engine without ``stop_condition`` support: every stop string ends a sample."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompts, sampling):
+        if isinstance(sampling, list | tuple):
+            return self.engine.generate(prompts, [p.replace(stop_condition=None) for p in sampling])
+        return self.engine.generate(prompts, sampling.replace(stop_condition=None))
+
+    def update_weights(self, model_or_state_dict):
+        self.engine.update_weights(model_or_state_dict)
+
+
+def force_bare_fences(model, tok, bias=40.0):
+    """A forward hook making ``model`` repeat "```\\n": after "```" a newline, else "```".
+
+    +40 on one logit leaves the rest of the vocabulary ~e-40 of the mass, so every sample is the
+    fence pattern while the reported log-probs stay real. Returns the handle (``.remove()``).
+    """
+    fence, newline = tok.encode("```\n", add_special_tokens=False)
+
+    def hook(module, args, kwargs, output):
+        last = kwargs["input_ids"][:, -1]
+        target = torch.where(last == fence, newline, fence)
+        rows = torch.arange(len(target), device=target.device)
+        output.logits[rows, -1, target] += bias
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def degenerate(engine, tok, problems, group_size, max_tokens, max_turns, dataset, repeats, legacy):
+    from alp_agents.engines import SamplingParams
+    from alp_agents.rollout import run_episodes
+
+    def run(case, eng, **kwargs):
+        stats = {}
+        trajs = run_episodes(
+            "alp/PythonTool-v0", eng, tok, problems, group_size,
+            SamplingParams(max_tokens=max_tokens, temperature=1.0),
+            env_kwargs={"dataset": dataset, "split": "train"}, max_turns=max_turns,
+            progress=False, seed=0, stats=stats, **kwargs,
+        )  # fmt: skip
+        tokens = sum(t.num_generated_tokens for t in trajs)
+        row = {
+            "case": case,
+            "wall": stats["total_s"],
+            "tokens": tokens,
+            "tok_s": tokens / stats["total_s"],
+            "gen_tok_s": tokens / stats["generate_s"],
+            "rounds": stats["rounds"],
+            "turns": statistics.mean(t.num_turns for t in trajs),
+            "deferred": stats["deferred_stops"],
+            "continued": stats["continuations"],
+            "capped": stats["capped_turns"],
+        }
+        print(f"  {case:<34} {row['wall']:7.1f} s {tokens:6d} tok {row['tok_s']:7.1f} tok/s "
+              f"(generate {row['gen_tok_s']:6.1f}) rounds {row['rounds']:3d} "
+              f"mean turns {row['turns']:.2f} deferred stops {row['deferred']:5d} "
+              f"continuations {row['continued']:4d} capped turns {row['capped']:3d}",
+              flush=True)  # fmt: skip
+        return row
+
+    n = len(problems) * group_size
+    print(f"[degenerate] alp/PythonTool-v0 on {dataset}: {n} episodes, max {max_turns} turns, "
+          f"{max_tokens} tokens/turn, {repeats} repeat(s)")  # fmt: skip
+    run("warm-up (healthy, not counted)", engine)
+    healthy, forced, ratios = [], [], []
+    for _ in range(repeats):
+        healthy.append(run("healthy", engine))
+        hook = force_bare_fences(engine.model, tok)
+        try:
+            forced.append(run("degenerate (bare fences)", engine))
+        finally:
+            hook.remove()
+        ratios.append(forced[-1]["tok_s"] / healthy[-1]["tok_s"])
+    if legacy:
+        hook = force_bare_fences(engine.model, tok)
+        try:
+            run("degenerate, no stop_condition, cap 4", _IgnoresStopCondition(engine))
+            run("degenerate, no stop_condition, uncapped", _IgnoresStopCondition(engine),
+                max_rounds_per_turn=10**6)  # fmt: skip
+        finally:
+            hook.remove()
+    ratio = statistics.median(ratios)
+    rounds = max(r["rounds"] for r in forced)
+    print(f"  degenerate / healthy tok/s: {ratio:.2f}x  (target >= 0.8x); degenerate rounds "
+          f"{rounds} (target <= max_turns = {max_turns})")  # fmt: skip
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=4)
@@ -153,7 +254,13 @@ def main() -> None:
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["single", "multi", "vllm"])
+    parser.add_argument("--dataset", default="arith", help="arith dataset for multi/degenerate")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["single", "multi", "vllm", "degenerate"]
+    )
+    parser.add_argument(
+        "--legacy", action="store_true", help="degenerate: also without stop_condition"
+    )
     args = parser.parse_args()
 
     import envs
@@ -163,15 +270,20 @@ def main() -> None:
     tok = load_tokenizer()
     engine = HFEngine(load_model(), tok, dtype=args.dtype)
     problems = envs.load_dataset("arith", split="train")[: args.problems]
+    tool_problems = envs.load_dataset(args.dataset, split="train")[: args.problems]
     preload = os.environ.get("LD_PRELOAD", "")
     print(f"SmolLM2-135M-Instruct, HFEngine {args.dtype}, torch threads {torch.get_num_threads()}, "
           f"allocator {'tcmalloc' if 'tcmalloc' in preload else 'glibc'}")  # fmt: skip
     if "single" not in args.skip:
         single_turn(engine, tok, problems, args.group_size, args.max_tokens, args.repeats)
     if "multi" not in args.skip:
-        multi_turn(engine, tok, problems, args.group_size, args.max_tokens, args.max_turns)
+        multi_turn(engine, tok, tool_problems, args.group_size, args.max_tokens, args.max_turns,
+                   args.dataset)  # fmt: skip
     if "vllm" not in args.skip:
         vllm_vs_hf(engine, tok, problems * args.group_size, args.max_tokens)
+    if "degenerate" not in args.skip:
+        degenerate(engine, tok, tool_problems, args.group_size, args.max_tokens, args.max_turns,
+                   args.dataset, args.repeats, args.legacy)  # fmt: skip
 
 
 if __name__ == "__main__":
