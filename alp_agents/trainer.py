@@ -54,7 +54,7 @@ from alp_agents import checkpoint as ckpt
 from alp_agents.models import make_lm_head_input_contiguous
 
 if TYPE_CHECKING:
-    from alp_agents.objectives import PolicyLossConfig
+    from alp_agents.objectives import LossTerms, PolicyLossConfig
 
 ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -922,11 +922,13 @@ class ALPTrainer:
         batch: dict[str, torch.Tensor],
         score_from: torch.Tensor,
         entropy: bool = False,
+        share_prefixes: bool = True,
     ) -> Any:
         """``(B, L)`` float32 log-probs (and entropies if asked) under the configured autocast.
 
         Only columns from ``score_from`` on (the first model token of each row) are computed;
-        earlier ones are 0 and never read (the loss and metrics mask them).
+        earlier ones are 0 and never read (the loss and metrics mask them). Rows of one prompt
+        share its forward when ``algorithm.share_prefixes`` and ``share_prefixes`` both allow.
         """
         from alp_agents.logprobs import token_logprobs
 
@@ -938,7 +940,7 @@ class ALPTrainer:
                 self.cfg.rollout.temperature,
                 return_entropy=entropy,
                 score_from=score_from,
-                share_prefixes=self.cfg.algorithm.share_prefixes,
+                share_prefixes=self.cfg.algorithm.share_prefixes and share_prefixes,
             )
 
     # ---------------------------------------------------------------- rollout
@@ -1196,22 +1198,14 @@ class ALPTrainer:
         shared prompt would give every row of a group the same noise on it (and the same
         perturbed distribution for its first token), correlating their ratios.
         """
-        from alp_agents.logprobs import token_logprobs
-
         per_row_noise = self.perturbation is not None and self.perturbation.target == "hidden"
-        with self._autocast():
-            out = token_logprobs(
-                self.model,
-                sub["input_ids"],
-                sub["attention_mask"],
-                self.cfg.rollout.temperature,
-                return_entropy=self.loss_cfg.needs_entropy,
-                score_from=score_from,
-                share_prefixes=self.cfg.algorithm.share_prefixes and not per_row_noise,
-            )
-        return out if self.loss_cfg.needs_entropy else (out, None)
+        entropy = self.loss_cfg.needs_entropy
+        out = self._log_probs(
+            self.model, sub, score_from, entropy=entropy, share_prefixes=not per_row_noise
+        )
+        return out if entropy else (out, None)
 
-    def _backward(self, terms: Any) -> None:
+    def _backward(self, terms: LossTerms) -> None:
         """Backward of ``terms.total``, keeping the regulariser's gradient away from sigma.
 
         sigma learns only from the policy loss (ALP_SPEC section 1). The KL/entropy terms are
