@@ -27,10 +27,10 @@ from collections.abc import Callable
 
 import torch
 
-from alp_agents.logprobs import token_logprobs
+from alp_agents.learner.logprobs import token_logprobs
+from alp_agents.learner.objectives import PolicyLossConfig, policy_loss
+from alp_agents.learner.perturb import LayerwisePerturbation
 from alp_agents.models import load_model
-from alp_agents.objectives import PolicyLossConfig, policy_loss
-from alp_agents.perturb import LayerwisePerturbation
 
 SETTINGS = ("off", "on", "on_store")
 

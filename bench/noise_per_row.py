@@ -15,8 +15,8 @@ import time
 import torch
 
 import alp_agents
-from alp_agents.logprobs import token_logprobs
-from alp_agents.perturb import LayerwisePerturbation
+from alp_agents.learner.logprobs import token_logprobs
+from alp_agents.learner.perturb import LayerwisePerturbation
 
 
 def main() -> None:

@@ -37,9 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def single_turn(engine, tok, problems, group_size, max_tokens, repeats):
     import envs
-    from alp_agents.chat import ChatDelta
-    from alp_agents.engines import SamplingParams
     from alp_agents.rollout import run_episodes
+    from alp_agents.rollout.chat import ChatDelta
+    from alp_agents.rollout.engines import SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0)
     kwargs = {"dataset": "arith", "split": "train"}
@@ -103,8 +103,8 @@ def single_turn(engine, tok, problems, group_size, max_tokens, repeats):
 
 
 def multi_turn(engine, tok, problems, group_size, max_tokens, max_turns, dataset="arith"):
-    from alp_agents.engines import SamplingParams
     from alp_agents.rollout import run_episodes
+    from alp_agents.rollout.engines import SamplingParams
 
     stats = {}
     trajs = run_episodes(
@@ -128,14 +128,14 @@ def multi_turn(engine, tok, problems, group_size, max_tokens, max_turns, dataset
 
 
 def vllm_vs_hf(hf_engine, tok, problems, max_tokens):
-    from alp_agents.engines import SamplingParams, VLLMEngine, vllm_unavailable_reason
+    from alp_agents.rollout.engines import SamplingParams, VLLMEngine, vllm_unavailable_reason
 
     reason = vllm_unavailable_reason()
     if reason:
         print(f"[vllm] skipped: {reason}")
         return
     import envs
-    from alp_agents.chat import ChatDelta
+    from alp_agents.rollout.chat import ChatDelta
 
     env = envs.make("alp/Math-v0", dataset="arith", split="train")
     prompts = []
@@ -187,8 +187,8 @@ def force_bare_fences(model, tok, bias=40.0):
 
 
 def degenerate(engine, tok, problems, group_size, max_tokens, max_turns, dataset, repeats, legacy):
-    from alp_agents.engines import SamplingParams
     from alp_agents.rollout import run_episodes
+    from alp_agents.rollout.engines import SamplingParams
 
     def run(case, eng, **kwargs):
         stats = {}
@@ -264,8 +264,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import envs
-    from alp_agents.engines import HFEngine
     from alp_agents.models import load_model, load_tokenizer
+    from alp_agents.rollout.engines import HFEngine
 
     tok = load_tokenizer()
     engine = HFEngine(load_model(), tok, dtype=args.dtype)

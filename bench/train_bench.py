@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alp_agents.config import load_config  # noqa: E402
+from alp_agents.configs.loader import load_config  # noqa: E402
 from alp_agents.trainer import ALPTrainer, TrainConfig  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "single_turn_cpu.yaml"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alp_agents.config import parse_cli  # noqa: E402
+from alp_agents.configs.loader import parse_cli  # noqa: E402
 from alp_agents.evaluation import EvalConfig, EvaluationError, run_evaluation  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from alp_agents.config import ConfigError
+from alp_agents.configs.loader import ConfigError
 from alp_agents.study.grid import StudySpec, parse_value, parse_values, read_study_section
 
 DEFAULT_CONFIG = Path("train/configs/study_offpolicy_cpu.yaml")

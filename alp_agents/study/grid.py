@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from alp_agents.config import ConfigError
+from alp_agents.configs.loader import ConfigError
 
 __all__ = ["Cell", "StudySpec", "read_study_section", "STUDY_SECTION"]
 

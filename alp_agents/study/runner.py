@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alp_agents import checkpoint as ckpt
-from alp_agents.config import ConfigError, config_to_yaml, load_config
+from alp_agents.configs.loader import ConfigError, config_to_yaml, load_config
 from alp_agents.study.grid import Cell, StudySpec
 from alp_agents.study.report import CELL_FILE, CELLS_DIR, cell_summary
+from alp_agents.trainer import checkpoint as ckpt
 
 __all__ = ["run_study", "resolve_cells"]
 
@@ -46,7 +46,7 @@ def resolve_cells(
     Unknown keys, bad values and unknown presets raise `ConfigError` / the trainer's
     `TrainConfigError` naming the key (and the closest valid one) and the cell.
     """
-    from alp_agents.trainer import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
+    from alp_agents.configs import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
 
     out = []
     for cell in spec.cells():
@@ -64,7 +64,7 @@ def resolve_cells(
 
 def _fingerprint(base: Sequence[Path]) -> str:
     """The resolved base configuration (what every cell shares), as YAML text."""
-    from alp_agents.trainer import OTHER_SECTIONS, TrainConfig
+    from alp_agents.configs import OTHER_SECTIONS, TrainConfig
 
     return config_to_yaml(load_config(TrainConfig, list(base), extra_sections=OTHER_SECTIONS))
 

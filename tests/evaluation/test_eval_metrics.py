@@ -7,7 +7,7 @@ from itertools import combinations
 
 import pytest
 
-from alp_agents.eval_metrics import (
+from alp_agents.evaluation.metrics import (
     avg_at_n,
     bootstrap_ci,
     default_report_ks,
@@ -144,7 +144,7 @@ def _record(pid, i, grade, answer=None, source="s", level=None, **stats):
 
 
 def test_summarize_hand_computed_report():
-    from alp_agents.eval_metrics import summarize
+    from alp_agents.evaluation.metrics import summarize
 
     records = [
         # problem a: 1 of 2 correct; problem b: 0 of 2; problem c: 1 verifiable, correct
@@ -184,7 +184,7 @@ def test_summarize_hand_computed_report():
 
 
 def test_summarize_rejects_k_above_n_and_missing_samples():
-    from alp_agents.eval_metrics import summarize
+    from alp_agents.evaluation.metrics import summarize
 
     records = [_record("a", 0, "correct"), _record("a", 1, "wrong")]
     with pytest.raises(ValueError, match=r"k=4 is larger than the n=2"):

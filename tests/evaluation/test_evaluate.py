@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alp_agents.evaluation import EvaluationError, evaluate, evaluate_with_engine
+from alp_agents.evaluation.runner import EvaluationError, evaluate, evaluate_with_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,8 +105,8 @@ def test_resume_skips_finished_samples(tiny_checkpoint, tmp_path):
 
 def test_evaluate_with_engine_for_the_trainer(tiny_checkpoint):
     import envs
-    from alp_agents.engines import HFEngine, SamplingParams
     from alp_agents.models import load_tokenizer
+    from alp_agents.rollout.engines import HFEngine, SamplingParams
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     engine = HFEngine(str(tiny_checkpoint), tokenizer, dtype="float32")
@@ -190,7 +190,7 @@ def test_smollm2_on_the_arith_test_split(tmp_path):
 
 def test_vllm_engine_choice(tiny_checkpoint, tmp_path):
     """engine='vllm' runs where vLLM exists (GPU machines); elsewhere it is a clear error."""
-    from alp_agents.engines import vllm_unavailable_reason
+    from alp_agents.rollout.engines import vllm_unavailable_reason
 
     reason = vllm_unavailable_reason()
     if reason is None:
@@ -212,12 +212,12 @@ def test_docstring_examples():
     import doctest
     import importlib.util
 
-    import alp_agents.eval_metrics
-    import alp_agents.evaluation
+    import alp_agents.evaluation.metrics
+    import alp_agents.evaluation.runner
 
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "train" / "evaluate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    for module in (alp_agents.eval_metrics, alp_agents.evaluation, script):
+    for module in (alp_agents.evaluation.metrics, alp_agents.evaluation.runner, script):
         failures, tried = doctest.testmod(module)
         assert failures == 0, module.__name__

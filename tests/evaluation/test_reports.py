@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alp_agents.evaluation import (
+from alp_agents.evaluation.runner import (
     EvalConfig,
     EvaluationError,
     _result_from_records,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alp_agents.advantages import grpo_advantages
+from alp_agents.learner.advantages import grpo_advantages
 
 
 def test_unbiased_std_hand_computed():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alp_agents.logprobs import logprobs_from_logits, plan_shared_prefixes, token_logprobs
+from alp_agents.learner.logprobs import logprobs_from_logits, plan_shared_prefixes, token_logprobs
+from alp_agents.learner.perturb import LayerwisePerturbation
 from alp_agents.models import TINY_ARCHS, make_tiny_model
-from alp_agents.perturb import LayerwisePerturbation
 
 
 def reference(model, ids, mask, temperature):
@@ -153,10 +153,10 @@ def test_shared_prefixes_under_perturbation():
 def test_docstring_examples():
     import doctest
 
-    import alp_agents.logprobs
-    import alp_agents.perturb
+    import alp_agents.learner.logprobs
+    import alp_agents.learner.perturb
 
-    for module in (alp_agents.logprobs, alp_agents.perturb):
+    for module in (alp_agents.learner.logprobs, alp_agents.learner.perturb):
         failures, _ = doctest.testmod(module)
         assert failures == 0, module.__name__
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alp_agents import metrics as M
+from alp_agents.learner import metrics as M
 
 
 def test_quantiles_match_torch_quantile_and_respect_mask():

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from alp_agents.objectives import (
+from alp_agents.learner.objectives import (
     PolicyLossConfig,
     accumulation_normalizer,
     correction_batch_stats,
@@ -527,7 +527,7 @@ def test_loss_terms_split_the_regularizer_from_the_policy_term():
 
 def test_correction_batch_stats_are_values_of_the_whole_batch():
     """The shared scenario plus a second row all of whose tokens MIS drops (rho 10, 0.1)."""
-    from alp_agents.objectives import correction_batch_stats
+    from alp_agents.learner.objectives import correction_batch_stats
 
     lp, mu, _, _, old = scenario()
     mu2 = torch.cat([mu, torch.full((1, 4), -3.0)])
@@ -704,7 +704,7 @@ def test_dr_grpo_token_sum_over_a_constant_and_uncentred_std():
     # gradient: -A r / (K * n_seq) on every loss token, whatever the sequence's length
     (grad,) = torch.autograd.grad(loss, lp)
     assert grad.flatten().tolist() == pytest.approx([-1.1 / 16, -1.1 / 16, 1.1 / 16, 0.0])
-    from alp_agents.advantages import grpo_advantages
+    from alp_agents.learner.advantages import grpo_advantages
 
     adv = grpo_advantages([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0, 0, 0, 0, 1, 1],
                           scale_by_std=cfg.scale_advantages_by_std)  # fmt: skip

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alp_agents.logprobs import token_logprobs
+from alp_agents.learner.logprobs import token_logprobs
+from alp_agents.learner.perturb import LayerwisePerturbation, find_decoder_layers
 from alp_agents.models import make_tiny_model
-from alp_agents.perturb import LayerwisePerturbation, find_decoder_layers
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"]
 VOCAB = 512  # small vocabulary keeps these tests fast; the code path is the same

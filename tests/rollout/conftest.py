@@ -46,12 +46,12 @@ COUNTERPARTS = {
 
 def real_engine_for(model, tok):
     """HFEngine on SmolLM2, with embeddings grown to cover ``tok``'s added tokens: bf16 where
-    the CPU runs it natively, else float32 (bf16 is ~100x slower there; alp_agents.precision).
+    the CPU runs it natively, else float32 (bf16 is ~100x slower there; alp_agents.models.precision).
     """
     import torch
 
-    from alp_agents.engines import HFEngine
-    from alp_agents.precision import resolve_engine_precision
+    from alp_agents.models.precision import resolve_engine_precision
+    from alp_agents.rollout.engines import HFEngine
 
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model = copy.deepcopy(model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from alp_agents.chat import ChatDelta, ChatTemplateError, encode, render
-from alp_agents.rollout import truncate_observation
+from alp_agents.rollout.agent_loop import truncate_observation
+from alp_agents.rollout.chat import ChatDelta, ChatTemplateError, encode, render
 
 from .rollout_helpers import TEMPLATES
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import envs
-from alp_agents.engines import (
+from alp_agents.models import make_tiny_model
+from alp_agents.rollout.engines import (
     HFEngine,
     InferenceEngine,
     Sample,
@@ -15,9 +16,8 @@ from alp_agents.engines import (
     stop_cut,
     vllm_unavailable_reason,
 )
-from alp_agents.engines.base import completed_stop, conditional_stop_cut
-from alp_agents.engines.vllm import generate_in_two_passes, join_continuation, request_seed
-from alp_agents.models import make_tiny_model
+from alp_agents.rollout.engines.base import completed_stop, conditional_stop_cut
+from alp_agents.rollout.engines.vllm import generate_in_two_passes, join_continuation, request_seed
 
 from .rollout_helpers import fence_forever, force_next_tokens, scripted
 
@@ -168,7 +168,7 @@ def test_eos_and_extra_stop_token_ids_end_a_sample(tokenizer):
 
 
 def test_own_copy_in_its_dtype_and_update_weights(tokenizer):
-    from alp_agents.perturb import LayerwisePerturbation
+    from alp_agents.learner.perturb import LayerwisePerturbation
 
     trainer = make_tiny_model(seed=0)
     perturbation = LayerwisePerturbation(trainer)  # sigma parameters + hooks on the trainer
@@ -244,7 +244,7 @@ def test_vllm_engine_says_why_it_cannot_run():
 
 
 def test_sample_from_draws_the_given_distribution():
-    from alp_agents.engines.hf import sample_from
+    from alp_agents.rollout.engines.hf import sample_from
 
     probs = torch.tensor([0.1, 0.2, 0.0, 0.7, 0.0]).expand(40_000, -1)
     g = torch.Generator().manual_seed(0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import envs
-from alp_agents.chat import ChatDelta
-from alp_agents.engines import HFEngine, SamplingParams
 from alp_agents.models import make_tiny_model
 from alp_agents.rollout import run_episodes
+from alp_agents.rollout.chat import ChatDelta
+from alp_agents.rollout.engines import HFEngine, SamplingParams
 
 from .conftest import real_engine_for
 from .rollout_helpers import (

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alp_agents.trajectory import (
+from alp_agents.rollout.trajectory import (
     Trajectory,
     TrajectoryError,
     collate,

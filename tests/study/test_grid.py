@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from alp_agents.config import ConfigError
+from alp_agents.configs.loader import ConfigError
 from alp_agents.study.cli import _parser, build_spec
 from alp_agents.study.grid import Cell, StudySpec, parse_values, read_study_section
 

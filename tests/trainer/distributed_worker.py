@@ -81,7 +81,7 @@ def full_state(trainer: ALPTrainer) -> dict[str, torch.Tensor]:
 
 def engine_matches(trainer: ALPTrainer, state: dict[str, torch.Tensor]) -> bool:
     """The engine holds exactly the trainer's weights, cast to the engine's dtype (rounded
-    first where the engine keeps rounded weights, see alp_agents.precision)."""
+    first where the engine keeps rounded weights, see alp_agents.models.precision)."""
     own = trainer.engine.model.state_dict()
     rounded = trainer.engine.round_weights_to or torch.float32
 
@@ -163,7 +163,7 @@ def main() -> None:
         return trajs, metrics
 
     trainer.rollout = recording_rollout
-    import alp_agents.logprobs as logprobs_module
+    import alp_agents.learner.logprobs as logprobs_module
 
     packed = logprobs_module._packed_logprobs
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alp_agents import checkpoint as ckpt
-from alp_agents.runlog import read_metrics
+from alp_agents.reporting.runlog import read_metrics
 from alp_agents.trainer import ProblemSampler
+from alp_agents.trainer import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")

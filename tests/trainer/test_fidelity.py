@@ -40,7 +40,7 @@ def test_sigma_learns_only_from_the_policy_loss(tmp_path, problem_files, tokeniz
     """Single-turn ALP has a k3 KL term on the perturbed log-probs. With every advantage 0 the
     policy loss is 0, so sigma's gradient must be exactly 0 while the model still gets the KL's
     gradient."""
-    from alp_agents.objectives import policy_loss_terms
+    from alp_agents.learner.objectives import policy_loss_terms
 
     cfg = tiny_config(tmp_path, problem_files)
     cfg.algorithm.setting = "single_turn"
@@ -109,7 +109,7 @@ def test_mis_losses_are_normalised_by_the_tokens_that_stay(
     must be the count of tokens that stay in the loss (it counted them before dropping, which
     shrank every MIS loss by the dropped fraction); then micro-batches of 1 row and of the whole
     mini-batch give the same update/loss."""
-    from alp_agents import objectives
+    from alp_agents.learner import objectives
 
     real = objectives.policy_loss_terms
     calls = []

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alp_agents import checkpoint as ckpt
+from alp_agents.learner.objectives import preset_names
 from alp_agents.models import make_tiny_model
-from alp_agents.objectives import preset_names
-from alp_agents.runlog import read_metrics
+from alp_agents.reporting.runlog import read_metrics
 from alp_agents.trainer import (
     OTHER_SECTIONS,
     ALPTrainer,
@@ -31,6 +30,7 @@ from alp_agents.trainer import (
     TrainingDivergedError,
     validate_config,
 )
+from alp_agents.trainer import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 PARITY_ENV = "test/LengthParity-v0"  # registered in conftest.py
@@ -334,7 +334,7 @@ def test_cli_rejects_unknown_key_and_preset_without_loading(tmp_path):
 
 
 def test_validate_accepts_every_shipped_config():
-    from alp_agents.config import load_config
+    from alp_agents.configs.loader import load_config
 
     for path in sorted((ROOT / "train" / "configs").rglob("*.yaml")):
         if path.name.startswith(("eval", "accelerate")) or "vllm" in path.name:
@@ -344,7 +344,7 @@ def test_validate_accepts_every_shipped_config():
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_trains_a_step(tmp_path, problems, tokenizer, preset):
-    """Every preset of alp_agents.objectives runs through the trainer (what
+    """Every preset of alp_agents.learner.objectives runs through the trainer (what
     `train/multi_turn.py --preset NAME` does): finite loss, K optimiser steps, its own ratio."""
     cfg = tiny_config(tmp_path, problems, steps=1)
     cfg.algorithm.preset = preset

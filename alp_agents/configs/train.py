@@ -1,0 +1,312 @@
+"""The schema of a training run (`TrainConfig`) and its validation.
+
+Nested dataclasses, one per YAML section; `alp_agents.configs.loader` fills them from layered
+YAML and ``key=value`` overrides. `validate_config` checks every name and number that can be
+checked without loading a model, so a typo fails in a second, not after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from alp_agents.learner.objectives import PolicyLossConfig
+
+
+ENGINES = ("hf", "vllm")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+TINY_MODEL_PREFIX = "tiny-"
+
+
+# Top-level YAML sections that belong to other tools: a study's grid (train/study.py) may share
+# a training config file.
+OTHER_SECTIONS = ("study",)
+
+
+@dataclass
+class ModelConfig:
+    """The policy being trained."""
+
+    name: str = "smollm2-135m-instruct"  # embedded name, local folder, Hub id, or "tiny-<arch>"
+    dtype: str = "float32"  # master weights
+    # "auto": bf16 where the device has native bf16 matmuls (GPU, AMX, AVX512-BF16), else none
+    # (alp_agents.models.precision); "bf16" or "none" to force one
+    autocast: str = "auto"
+    gradient_checkpointing: bool = False
+    # transformers attention backend of the trainer's forwards ("sdpa", "eager", ...); the
+    # engine keeps its own. On CPU at a few hundred tokens "eager" trains ~10% faster (sdpa's
+    # CPU flash-attention backward is slow for short sequences); on GPU keep sdpa/flash.
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class EnvConfig:
+    """Which environment and problems the agent trains and is evaluated on."""
+
+    id: str = "alp/PythonTool-v0"
+    dataset: str = "arith"
+    train_split: str | None = "train"  # None for a JSONL file (it is its own split)
+    eval_split: str | None = "test"
+    eval_dataset: str | None = None  # held-out problem set if not `dataset` (e.g. math500)
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {n: 500} for generators
+    max_turns: int = 2  # code turn + answer turn is all arith needs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are sampled."""
+
+    engine: str = "hf"  # "hf" (transformers, CPU default) or "vllm"
+    # the engine's own weight copy (a real mismatch vs the fp32 trainer): "auto" = bfloat16 where
+    # native, else float32 with bf16-rounded weights (alp_agents.models.precision); or a torch dtype
+    engine_dtype: str = "auto"
+    prompts_per_step: int = 4
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64  # per assistant turn
+    mask_void_turns: bool = True  # void-turn trajectories get loss mask 0 ...
+    void_in_group_stats: bool = True  # ... but their reward still counts for the group baseline
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. vLLM gpu_memory_utilization
+
+
+@dataclass
+class AlgorithmConfig:
+    """Objective (a preset of alp_agents.learner.objectives) and how each rollout batch is consumed."""
+
+    preset: str = "alp"  # any name of alp_agents.learner.objectives.preset_names() (docs/alp.md)
+    setting: str = "multi_turn"  # multi_turn | single_turn (preset defaults: dual clip c, KL)
+    loss: dict[str, Any] = field(default_factory=dict)  # PolicyLossConfig overrides
+    mini_batches: int = 2  # K optimiser steps per rollout batch (staleness)
+    micro_batch_size: int = 2  # sequences per forward/backward (gradient accumulation; memory)
+    shuffle: bool = True  # shuffle the groups (prompts) before splitting into mini-batches
+    share_prefixes: bool = True  # run a prompt shared by a micro-batch's rows once, not per row
+    advantage_eps: float = 1e-6
+    # mismatch/catastrophic_*: a token whose rho = pi_old / mu is below 1/this or above this
+    catastrophic_ratio: float = 1e4
+
+
+@dataclass
+class PerturbationConfig:
+    """Layerwise perturbation (only used by presets that perturb, i.e. ``alp``)."""
+
+    sigma_init: float = 1e-6  # multi-turn release; single-turn release uses 0.02
+    sigma_lr: float = 5e-4
+    learnable: bool = True
+    weight_decay: float = 0.0  # the release applies its global 0.01
+    layers: str | None = None  # decoder layers "start:end" (e.g. "0:6"); None = all layers
+    target: str = "hidden"  # "hidden" (residual stream) or "logits"
+    # keep each layer's noise for the backward instead of redrawing it: one draw less per layer,
+    # 4 bytes per hidden unit, token and layer more (47 MB per 8-row SmolLM2 micro-batch)
+    store_noise: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the model (and sigma in its own group), clipping and the LR schedule."""
+
+    lr: float = 2e-5  # CPU default for a 135M model and 8 steps; the 7B release uses 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    fused: bool = True  # fused AdamW: ~4.5x faster optimiser step on CPU (PERF_NOTES)
+    lr_schedule: str = "constant"  # constant | linear | cosine (over optimiser steps)
+    warmup_steps: int = 0  # optimiser steps of linear warm-up
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # default: runs/<name>-<YYYYmmdd-HHMMSS>
+    name: str = "multi_turn"
+    progress: bool = True
+    tensorboard: bool = True
+    trajectory_samples_every: int = 1  # steps between saved trajectory samples (0: never)
+    trajectory_samples: int = 8  # trajectories saved each time (-1: all)
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only at the end / on Ctrl-C)
+    keep_last: int = 2
+    export: bool = True  # plain from_pretrained export in run_dir/final at the end
+    on_interrupt: bool = True  # Ctrl-C saves a checkpoint before exiting
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (alp_agents.evaluation.runner), before/after training and every N steps."""
+
+    num_problems: int = 32  # first N held-out problems (0: no evaluation)
+    k: int = 2  # samples per problem (avg@k, pass@k)
+    temperature: float = 1.0  # the training distribution (greedy already solves most arith)
+    top_p: float = 1.0
+    max_tokens: int | None = None  # default: rollout.max_tokens
+    every: int = 0  # steps between evaluations during training (0: only before/after)
+    before: bool = True
+    after: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is settable from YAML or the command line."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steps: int = 8
+    seed: int = 0
+    max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped updates
+
+
+class TrainConfigError(ValueError):
+    """A configuration value is invalid; raised before any model is loaded."""
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from ``asdict`` output (e.g. a checkpoint's saved config)."""
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            factory = f.default_factory
+            if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+                kwargs[f.name] = build(factory, v)
+            else:
+                kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(TrainConfig, data)
+
+
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(value, list(choices), n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every name and number that can be checked without loading a model.
+
+    Raises TrainConfigError naming the field, the bad value and the valid choices.
+    """
+
+    def bad(field_name: str, value: Any, choices: Sequence[str] | str) -> TrainConfigError:
+        if isinstance(choices, str):
+            return TrainConfigError(f"{field_name}={value!r}: {choices}")
+        return TrainConfigError(
+            f"{field_name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}."
+            + (did_you_mean(str(value), choices) if isinstance(value, str) else "")
+        )
+
+    from alp_agents.learner.objectives import preset_names
+
+    presets = preset_names()
+    if cfg.algorithm.preset not in presets:
+        raise bad("algorithm.preset", cfg.algorithm.preset, presets)
+    if cfg.algorithm.setting not in ("multi_turn", "single_turn"):
+        raise bad("algorithm.setting", cfg.algorithm.setting, ("multi_turn", "single_turn"))
+    if cfg.rollout.engine not in ENGINES:
+        raise bad("rollout.engine", cfg.rollout.engine, ENGINES)
+    if cfg.rollout.engine == "vllm":
+        from alp_agents.rollout.engines import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise bad("rollout.engine", "vllm", f"vLLM cannot run here: {reason}")
+    if cfg.optim.lr_schedule not in LR_SCHEDULES:
+        raise bad("optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
+    if cfg.model.autocast not in ("auto", "bf16", "none"):
+        raise bad("model.autocast", cfg.model.autocast, ("auto", "bf16", "none"))
+    if cfg.perturbation.target not in ("hidden", "logits"):
+        raise bad("perturbation.target", cfg.perturbation.target, ("hidden", "logits"))
+    for name, value in (
+        ("steps", cfg.steps),
+        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step),
+        ("rollout.group_size", cfg.rollout.group_size),
+        ("rollout.max_tokens", cfg.rollout.max_tokens),
+        ("algorithm.mini_batches", cfg.algorithm.mini_batches),
+        ("algorithm.micro_batch_size", cfg.algorithm.micro_batch_size),
+        ("max_nonfinite_in_row", cfg.max_nonfinite_in_row),
+    ):
+        if int(value) < 1:
+            raise bad(name, value, "must be >= 1")
+    if cfg.algorithm.mini_batches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
+        raise bad(
+            "algorithm.mini_batches",
+            cfg.algorithm.mini_batches,
+            f"more mini-batches than trajectories per step "
+            f"({cfg.rollout.prompts_per_step} x {cfg.rollout.group_size})",
+        )
+    if cfg.rollout.temperature <= 0:
+        raise bad(
+            "rollout.temperature",
+            cfg.rollout.temperature,
+            "training samples must be stochastic (> 0); greedy decoding is for eval.temperature",
+        )
+    if cfg.optim.lr < 0 or cfg.perturbation.sigma_lr < 0:
+        raise bad("optim.lr", cfg.optim.lr, "learning rates must be >= 0")
+    if cfg.perturbation.sigma_init <= 0:
+        raise bad("perturbation.sigma_init", cfg.perturbation.sigma_init, "must be > 0")
+
+    import envs
+
+    registered = sorted(envs.registered())
+    if cfg.env.id not in registered:
+        raise bad("env.id", cfg.env.id, registered)
+    checks = [("dataset", cfg.env.dataset, "train_split", cfg.env.train_split)]
+    if cfg.eval.num_problems > 0:
+        field_name = "eval_dataset" if cfg.env.eval_dataset else "dataset"
+        checks.append((field_name, eval_dataset(cfg), "eval_split", cfg.env.eval_split))
+    for name_field, name, split_field, split in checks:
+        try:
+            envs.load_dataset(name, split=split, **cfg.env.dataset_options)
+        except Exception as exc:  # the dataset module names the valid choices
+            raise TrainConfigError(
+                f"env.{name_field}={name!r} / env.{split_field}={split!r}: {exc}"
+            ) from exc
+    # PolicyLossConfig rejects unknown override keys itself; surface it as a config error now.
+    try:
+        loss_config(cfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise TrainConfigError(f"algorithm.loss={dict(cfg.algorithm.loss)!r}: {exc}") from exc
+
+
+def eval_dataset(cfg: TrainConfig) -> str:
+    return cfg.env.eval_dataset or cfg.env.dataset
+
+
+def loss_config(cfg: TrainConfig) -> PolicyLossConfig:
+    """The preset's loss config with ``algorithm.loss`` overrides.
+
+    Dr. GRPO's token-sum aggregation divides by a constant; unless set, it is the most model
+    tokens an episode can have (``rollout.max_tokens * env.max_turns``), the same every step.
+    """
+    from alp_agents.learner.objectives import PolicyLossConfig
+
+    loss = PolicyLossConfig.preset(
+        cfg.algorithm.preset, setting=cfg.algorithm.setting, **dict(cfg.algorithm.loss)
+    )
+    if loss.aggregation == "seq_mean_token_sum_norm" and loss.token_sum_norm is None:
+        loss.token_sum_norm = float(cfg.rollout.max_tokens * cfg.env.max_turns)
+    return loss

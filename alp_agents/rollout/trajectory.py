@@ -1,0 +1,311 @@
+"""Trajectory: the token-exact record of one episode, the contract between rollout and learner.
+
+One `Trajectory` is one episode of an environment. ``prompt_ids`` is the rendered initial chat
+prompt (ending with the chat template's generation prompt); ``response_ids`` interleave, turn by
+turn, the tokens the model sampled (``loss_mask`` 1) with template and observation tokens
+(``loss_mask`` 0). Per response token:
+
+* ``loss_mask[i]`` is 1 exactly on a token the inference engine sampled (including an end-of-turn
+  token the model sampled itself), 0 on template tokens (e.g. the newline after ``<|im_end|>``)
+  and on observation tokens (tool output, the next generation prompt);
+* ``infer_logprobs[i]`` is the engine's log-prob of that sampled token (see
+  `alp_agents.rollout.engines` for the convention), 0.0 where the mask is 0;
+* ``turn_index[i]`` is the 0-based assistant turn the token belongs to: the turn's sampled
+  tokens first, then the template and observation tokens that answer it.
+
+So the context the engine saw at turn ``k`` is ``prompt_ids + response_ids[:turn_start(k)]``
+(`Trajectory.context_at_turn`): nothing is ever decoded and re-tokenised.
+
+`collate` pads a batch to tensors for the learner and `save_jsonl` / `load_jsonl` store batches
+losslessly for inspection, replay and debugging.
+
+Example::
+
+    >>> t = Trajectory(prompt_ids=[1, 5, 6], response_ids=[7, 8, 2, 9, 1],
+    ...                loss_mask=[1, 1, 1, 0, 0], infer_logprobs=[-0.5, -1.0, -0.1, 0.0, 0.0],
+    ...                turn_index=[0, 0, 0, 0, 0], reward=1.0, grade_status="correct",
+    ...                finish_reason="answer", num_turns=1, group_id=0, problem_id="p0")
+    >>> t.validate()
+    >>> batch = collate([t], pad_token_id=2)
+    >>> batch["input_ids"].tolist(), batch["loss_mask"].tolist()
+    ([[1, 5, 6, 7, 8, 2, 9, 1]], [[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+"""Bumped when a field changes meaning; `Trajectory.from_dict` refuses newer versions."""
+
+GRADE_STATUSES = ("correct", "wrong", "unverifiable", "none")
+"""``none``: the episode ended without a gradable answer (or the env does not grade)."""
+
+FINISH_REASONS = ("answer", "max_turns", "length", "void_turn", "tool_error", "sandbox_error")
+"""Why an episode ended. ``length``: a token budget (response or context) cut it short;
+``sandbox_error``: OUR infrastructure failed (never a wrong answer)."""
+
+INFRA_FAILURE_REASONS = ("sandbox_error",)
+
+
+class TrajectoryError(ValueError):
+    """A trajectory breaks an invariant; the message names the invariant and the position."""
+
+
+@dataclass
+class Trajectory:
+    """One episode, token-exact. See the module docstring for the meaning of every field."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    infer_logprobs: list[float]
+    turn_index: list[int]
+    reward: float = 0.0
+    grade_status: str = "none"
+    finish_reason: str = "answer"
+    num_turns: int = 0
+    num_tool_calls: int = 0
+    num_void_turns: int = 0
+    group_id: int = 0
+    problem_id: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def is_infra_failure(self) -> bool:
+        """Our infrastructure failed (sandbox error or a grade that could not be verified).
+
+        The learner excludes such episodes entirely (loss AND group statistics): their reward is
+        not a real zero."""
+        return self.finish_reason in INFRA_FAILURE_REASONS or self.grade_status == "unverifiable"
+
+    @property
+    def is_void(self) -> bool:
+        """A void turn happened (neither code nor answer): masked out of the loss, but its reward
+        still counts in the group statistics (SimpleTIR's filter)."""
+        return self.num_void_turns > 0 or self.finish_reason == "void_turn"
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return int(sum(self.loss_mask))
+
+    @property
+    def input_ids(self) -> list[int]:
+        return list(self.prompt_ids) + list(self.response_ids)
+
+    def turn_start(self, turn: int) -> int:
+        """Index into ``response_ids`` of the first token sampled in ``turn``."""
+        for i, t in enumerate(self.turn_index):
+            if t == turn:
+                return i
+        raise IndexError(f"turn {turn} not in trajectory with {self.num_turns} turn(s)")
+
+    def context_at_turn(self, turn: int) -> list[int]:
+        """The exact ids the engine was given when it sampled ``turn``."""
+        return list(self.prompt_ids) + list(self.response_ids[: self.turn_start(turn)])
+
+    def sampled_ids(self, turn: int) -> list[int]:
+        """The ids the engine sampled in ``turn``, verbatim."""
+        return [
+            tok
+            for tok, m, t in zip(self.response_ids, self.loss_mask, self.turn_index, strict=True)
+            if t == turn and m == 1
+        ]
+
+    # ------------------------------------------------------------------ invariants
+    def validate(self) -> None:
+        """Check every invariant; raise `TrajectoryError` naming the first broken one."""
+        where = f"trajectory problem_id={self.problem_id!r} group_id={self.group_id!r}"
+
+        def fail(invariant: str, detail: str) -> None:
+            raise TrajectoryError(f"{where}: invariant '{invariant}' broken: {detail}")
+
+        n = len(self.response_ids)
+        for name in ("loss_mask", "infer_logprobs", "turn_index"):
+            if len(getattr(self, name)) != n:
+                fail(
+                    "aligned lengths",
+                    f"len({name})={len(getattr(self, name))} != len(response_ids)={n}",
+                )
+        if not self.prompt_ids:
+            fail("non-empty prompt", "prompt_ids is empty")
+        for name in ("prompt_ids", "response_ids"):
+            for i, tok in enumerate(getattr(self, name)):
+                if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
+                    fail("token ids are non-negative ints", f"{name}[{i}]={tok!r}")
+        for i, m in enumerate(self.loss_mask):
+            if m not in (0, 1) or isinstance(m, float | bool):
+                fail("loss_mask is 0/1", f"loss_mask[{i}]={m!r}")
+        for i, (m, lp) in enumerate(zip(self.loss_mask, self.infer_logprobs, strict=True)):
+            if m == 0 and lp != 0.0:
+                fail("infer_logprobs 0.0 where mask 0", f"infer_logprobs[{i}]={lp!r}, mask 0")
+            if m == 1 and not (math.isfinite(lp) and lp <= 1e-6):
+                fail("infer_logprobs are finite log-probs", f"infer_logprobs[{i}]={lp!r}")
+        if self.grade_status not in GRADE_STATUSES:
+            fail("grade_status known", f"{self.grade_status!r} not in {GRADE_STATUSES}")
+        if self.finish_reason not in FINISH_REASONS:
+            fail("finish_reason known", f"{self.finish_reason!r} not in {FINISH_REASONS}")
+        if not math.isfinite(self.reward):
+            fail("reward finite", f"reward={self.reward!r}")
+        for name in ("num_turns", "num_tool_calls", "num_void_turns"):
+            if getattr(self, name) < 0:
+                fail("counts non-negative", f"{name}={getattr(self, name)}")
+        if self.num_void_turns > self.num_turns:
+            fail("void turns <= turns", f"{self.num_void_turns} > {self.num_turns}")
+        if self.finish_reason == "void_turn" and self.num_void_turns == 0:
+            fail("void finish counted", "finish_reason void_turn but num_void_turns=0")
+        self._validate_turn_structure(fail)
+
+    def _validate_turn_structure(self, fail: Any) -> None:
+        """Turns are numbered 0, 1, ... contiguously; each is its sampled tokens (mask 1, at
+        least one) followed by the mask-0 template and observation tokens that answer it."""
+        prev, in_tail, turns = None, False, 0
+        for i, (t, m) in enumerate(zip(self.turn_index, self.loss_mask, strict=True)):
+            if t != prev:
+                if t != (0 if prev is None else prev + 1):
+                    fail("turn_index starts at 0 and increases by 1", f"turn_index[{i}]={t}")
+                if m != 1:
+                    fail("a turn starts with a sampled token", f"position {i} (turn {t}) mask 0")
+                prev, in_tail, turns = t, False, turns + 1
+            if m == 0:
+                in_tail = True
+            elif in_tail:
+                fail(
+                    "sampled tokens precede template/observation tokens within a turn",
+                    f"position {i} (turn {t}) has mask 1 after a mask-0 token",
+                )
+        if turns != self.num_turns:
+            fail(
+                "num_turns matches turn_index",
+                f"{turns} turn(s) in turn_index, num_turns={self.num_turns}",
+            )
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (with ``schema_version``); `from_dict` inverts it exactly."""
+        out = {"schema_version": SCHEMA_VERSION}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "trajectory") -> Trajectory:
+        """Build from `to_dict` output; unknown or missing fields raise naming ``where``."""
+        data = dict(data)
+        version = data.pop("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise TrajectoryError(
+                f"{where}: schema_version {version!r} is newer than this code ({SCHEMA_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrajectoryError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise TrajectoryError(f"{where}: missing field(s) {missing}")
+        return cls(**data)
+
+
+def save_jsonl(path: str | os.PathLike[str], trajectories: Iterable[Trajectory]) -> Path:
+    """Write one JSON object per line (floats round-trip exactly through ``repr``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for traj in trajectories:
+            fh.write(json.dumps(traj.to_dict(), ensure_ascii=False, allow_nan=True) + "\n")
+    return path
+
+
+def load_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[Trajectory]:
+    """Read `save_jsonl` output; errors name the file and line (and the broken field)."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrajectoryError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(data, dict):
+                raise TrajectoryError(f"{where}: expected a JSON object, got {type(data).__name__}")
+            traj = Trajectory.from_dict(data, where=where)
+            if validate:
+                try:
+                    traj.validate()
+                except TrajectoryError as exc:
+                    raise TrajectoryError(f"{where}: {exc}") from exc
+            out.append(traj)
+    return out
+
+
+def collate(trajectories: Sequence[Trajectory], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a batch into ``(B, L)`` tensors over ``prompt_ids + response_ids``.
+
+    Column ``j`` of every ``(B, L)`` tensor describes token ``j`` of ``input_ids``:
+
+    * ``input_ids`` (long, padded with ``pad_token_id``), ``attention_mask`` (long, 1 on real
+      tokens), ``loss_mask`` (float32, 1 on sampled tokens, 0 on prompt/observations/padding),
+      ``infer_logprobs`` (float32, 0 off the mask), ``turn_index`` (long, -1 on prompt and
+      padding);
+    * ``(B,)``: ``rewards`` (float32), ``group_ids`` (long: consecutive ints in order of first
+      appearance of each trajectory's ``group_id``), ``response_start`` (= len(prompt_ids)),
+      ``lengths`` (real tokens), ``is_void`` and ``is_infra_failure`` (bool; what the learner
+      filters on: see `Trajectory.is_void` / `Trajectory.is_infra_failure`).
+
+    ``loss_mask`` is the raw per-token mask; zeroing void or infrastructure-failed episodes is the
+    learner's decision (they differ: void rewards still count in group statistics).
+    """
+    import torch
+
+    if not trajectories:
+        raise ValueError("collate() needs at least one trajectory")
+    batch = len(trajectories)
+    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+    width = max(lengths)
+    input_ids = torch.full((batch, width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    loss_mask = torch.zeros((batch, width), dtype=torch.float32)
+    infer_logprobs = torch.zeros((batch, width), dtype=torch.float32)
+    turn_index = torch.full((batch, width), -1, dtype=torch.long)
+    group_map: dict[Any, int] = {}
+    for row, traj in enumerate(trajectories):
+        p, n = len(traj.prompt_ids), lengths[row]
+        input_ids[row, :n] = torch.tensor(traj.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        if traj.response_ids:
+            loss_mask[row, p:n] = torch.tensor(traj.loss_mask, dtype=torch.float32)
+            infer_logprobs[row, p:n] = torch.tensor(traj.infer_logprobs, dtype=torch.float32)
+            turn_index[row, p:n] = torch.tensor(traj.turn_index, dtype=torch.long)
+        group_map.setdefault(traj.group_id, len(group_map))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "infer_logprobs": infer_logprobs,
+        "turn_index": turn_index,
+        "rewards": torch.tensor([float(t.reward) for t in trajectories], dtype=torch.float32),
+        "group_ids": torch.tensor([group_map[t.group_id] for t in trajectories], dtype=torch.long),
+        "response_start": torch.tensor([len(t.prompt_ids) for t in trajectories], dtype=torch.long),
+        "lengths": torch.tensor(lengths, dtype=torch.long),
+        "is_void": torch.tensor([t.is_void for t in trajectories], dtype=torch.bool),
+        "is_infra_failure": torch.tensor(
+            [t.is_infra_failure for t in trajectories], dtype=torch.bool
+        ),
+    }

@@ -1,0 +1,25 @@
+"""The trainer: the on-line RL loop and what it needs around it.
+
+``loop`` (`ALPTrainer`: sample -> roll out -> advantages -> K updates -> sync -> log -> eval ->
+checkpoint), ``checkpoint`` (save and restore), ``problems`` (the checkpointable problem
+sampler), ``optim`` (learning-rate schedules), ``cli`` (`train/multi_turn.py`'s command line).
+The configuration schema lives in `alp_agents.configs.train`.
+"""
+
+from alp_agents.configs.train import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
+from alp_agents.trainer.cli import cli_main
+from alp_agents.trainer.loop import ALPTrainer, TrainingDivergedError, TrainResult, noise_seed
+from alp_agents.trainer.problems import ProblemSampler
+
+__all__ = [
+    "OTHER_SECTIONS",
+    "ALPTrainer",
+    "ProblemSampler",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
+    "TrainingDivergedError",
+    "cli_main",
+    "noise_seed",
+    "validate_config",
+]
