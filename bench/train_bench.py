@@ -84,8 +84,8 @@ class PositionCounter:
 
 def bench_ours(cfg: TrainConfig, steps: int, warmup: int) -> dict[str, float]:
     trainer = ALPTrainer(cfg)
-    n_params = sum(p.numel() for p in trainer._unwrapped().parameters())
-    counter = PositionCounter(trainer._unwrapped(), trainer.ref_model)
+    n_params = sum(p.numel() for p in trainer.dist.unwrap(trainer.model).parameters())
+    counter = PositionCounter(trainer.dist.unwrap(trainer.model), trainer.ref_model)
     rows = []
     for i in range(warmup + steps):
         m = trainer.train_step()

@@ -11,6 +11,9 @@ Fixtures for every test folder:
 * ``tiny_model`` (per test): a fresh 2-layer random Llama with the SmolLM2 vocabulary
   (``alp_agents.models.make_tiny_model``), safe to train.
 
+The tiny models are also registered by name (``tiny-llama``, ... : tests/tiny_models.py), here
+and, through ``$ALP_AGENTS_MODEL_MODULES``, in the processes the tests start.
+
 Tests that use the real model are marked ``@pytest.mark.slow`` (they still run in CI).
 """
 
@@ -22,8 +25,11 @@ import os
 # must fail fast instead of retrying), and no tokenizers thread pool across the sandbox's forks.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ALP_AGENTS_MODEL_MODULES", "tests.tiny_models")
 
 import pytest  # noqa: E402
+
+import tests.tiny_models  # noqa: E402,F401  (registers tiny-llama, ... in this process)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

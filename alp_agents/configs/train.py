@@ -22,9 +22,6 @@ ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
-TINY_MODEL_PREFIX = "tiny-"
-
-
 # Top-level YAML sections that belong to other tools: a study's grid (train/study.py) may share
 # a training config file.
 OTHER_SECTIONS = ("study",)
@@ -34,7 +31,9 @@ OTHER_SECTIONS = ("study",)
 class ModelConfig:
     """The policy being trained."""
 
-    name: str = "smollm2-135m-instruct"  # embedded name, local folder, Hub id, or "tiny-<arch>"
+    # embedded name, local folder, Hub id, or a name registered in code
+    # (alp_agents.models.register_model_factory)
+    name: str = "smollm2-135m-instruct"
     dtype: str = "float32"  # master weights
     # "auto": bf16 where the device has native bf16 matmuls (GPU, AMX, AVX512-BF16), else none
     # (alp_agents.models.precision); "bf16" or "none" to force one
@@ -198,13 +197,6 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return build(TrainConfig, data)
 
 
-def did_you_mean(value: str, choices: Sequence[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(value, list(choices), n=1)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def validate_config(cfg: TrainConfig) -> None:
     """Check every name and number that can be checked without loading a model.
 
@@ -219,8 +211,13 @@ def validate_config(cfg: TrainConfig) -> None:
             + (did_you_mean(str(value), choices) if isinstance(value, str) else "")
         )
 
+    from alp_agents.common import did_you_mean
     from alp_agents.learner.objectives import preset_names
+    from alp_agents.models import model_name_problem
 
+    problem = model_name_problem(cfg.model.name)
+    if problem is not None:
+        raise bad("model.name", cfg.model.name, problem)
     presets = preset_names()
     if cfg.algorithm.preset not in presets:
         raise bad("algorithm.preset", cfg.algorithm.preset, presets)

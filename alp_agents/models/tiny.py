@@ -2,8 +2,9 @@
 
 They pair with the default tokenizer (same vocabulary and special ids), so a test can roll out,
 train and evaluate with the real tokenizer and chat template at a fraction of SmolLM2's cost.
-The trainer and evaluation never build them: a test passes the model object (or a saved
-folder) instead of a name.
+The trainer and evaluation do not know them: a test passes the model object (or a saved
+folder), or registers them by name with `register_tiny_models` (``"tiny-llama"``, ...), the
+way a user registers any model built in code (`alp_agents.models.registry`).
 """
 
 from __future__ import annotations
@@ -121,3 +122,26 @@ def make_tiny_model(
 def tiny_llama(**kwargs: Any) -> PreTrainedModel:
     """`make_tiny_model` with ``arch="llama"`` (the architecture of the default model)."""
     return make_tiny_model("llama", **kwargs)
+
+
+TINY_PREFIX = "tiny-"
+
+
+def register_tiny_models(prefix: str = TINY_PREFIX) -> list[str]:
+    """Register ``<prefix><arch>`` for every architecture of `TINY_ARCHS`; returns the names.
+
+    Each builds `make_tiny_model` (hidden 64, 2 layers) with the run's dtype and seed and pairs
+    with the default tokenizer. Registering again is harmless (the same factories replace
+    themselves).
+    """
+    from alp_agents.models.registry import register_model_factory
+
+    names = []
+    for arch in TINY_ARCHS:
+
+        def build(dtype: torch.dtype, seed: int, arch: str = arch) -> PreTrainedModel:
+            return make_tiny_model(arch, seed=seed, dtype=dtype)
+
+        register_model_factory(prefix + arch, build, replace=True)
+        names.append(prefix + arch)
+    return names

@@ -3,8 +3,10 @@
 Two different things are written, on purpose:
 
 * A *training checkpoint* (``run_dir/checkpoints/step_000010/``) holds everything needed to
-  continue a run bit-for-bit: model weights, optimiser and LR-scheduler state, the perturbation's
-  sigma parameters, the problem sampler's position, every RNG state and the step counter.
+  continue a run bit-for-bit: the model weights (``model/``, itself an export), the run's
+  configuration once (``config.yaml``) and one `TrainerState` record (optimiser and LR-scheduler
+  state, the perturbation's sigma parameters, the problem sampler's position, every RNG state,
+  the step counter, ...), written and read by one `TrainerState.save` / `TrainerState.load`.
 * An *export* (``run_dir/final/``) is a plain ``save_pretrained`` directory (weights, config,
   tokenizer) that loads with ``AutoModelForCausalLM.from_pretrained(path)`` and contains no
   perturbation parameters: sigma is a training-time device, never part of the served policy.
@@ -27,6 +29,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +73,6 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
         if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
             return name
     return None
-
-
-def _optimizer_tensors(opt_state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for pid, s in opt_state.get("state", {}).items():
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                out[f"optimizer.{pid}.{k}"] = v
-    return out
 
 
 def serving_state_dict(
@@ -125,33 +119,104 @@ def save_export(
     return path
 
 
+# Files of a training checkpoint besides ``model/`` and ``config.yaml``: the scalars of
+# `TrainerState` in one JSON file (also the mark of a complete checkpoint), each field that
+# holds tensors in its own torch file.
+STATE_FILE = "trainer_state.json"
+MODEL_DIRNAME = "model"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the weights that a resumed run needs to continue bit for bit.
+
+    One record, written by `save_training_checkpoint` and read by `load_training_checkpoint`:
+    a new piece of state is a new field here, nothing else. Fields whose metadata names a
+    ``file`` are saved with `torch.save` there (they hold tensors); the others go to
+    ``trainer_state.json``. ``rng`` is the saving (main) process's RNG state;
+    ``rng_per_rank`` every rank's, when they were gathered (`for_rank` picks).
+    """
+
+    step: int
+    sampler: dict[str, int]
+    rng: dict[str, Any] = field(metadata={"file": "rng.pt"})
+    optimizer: dict[str, Any] = field(metadata={"file": "optimizer.pt"})
+    scheduler: dict[str, Any] | None = field(default=None, metadata={"file": "scheduler.pt"})
+    perturbation: dict[str, torch.Tensor] | None = field(
+        default=None, metadata={"file": "perturbation.pt"}
+    )
+    rng_per_rank: list[dict[str, Any]] | None = field(
+        default=None, metadata={"file": "rng_per_rank.pt", "optional": True}
+    )
+    nonfinite_in_row: int = 0
+    skipped_updates: int = 0
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def rng_for_rank(self, rank: int, world: int) -> dict[str, Any]:
+        """This rank's saved RNG state; rank 0's when the ranks' were not gathered (or the
+        run resumes on another number of processes)."""
+        if self.rng_per_rank and len(self.rng_per_rank) == world:
+            return self.rng_per_rank[rank]
+        return self.rng
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the optimiser and the perturbation, by a readable name."""
+        out = {
+            f"optimizer.{pid}.{k}": v
+            for pid, s in self.optimizer.get("state", {}).items()
+            for k, v in s.items()
+            if torch.is_tensor(v)
+        }
+        out.update({f"perturbation.{k}": v for k, v in (self.perturbation or {}).items()})
+        return out
+
+    def save(self, directory: Path) -> None:
+        """Write the fields into ``directory`` (files of `dataclasses.fields` metadata)."""
+        scalars: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "file" not in f.metadata:
+                scalars[f.name] = value
+            elif value is not None or not f.metadata.get("optional"):
+                torch.save(value, directory / f.metadata["file"])
+        (directory / STATE_FILE).write_text(json.dumps(scalars, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainerState:
+        """Read what `save` wrote (fields absent from the files keep their defaults)."""
+        scalars = json.loads((directory / STATE_FILE).read_text())
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if "file" in f.metadata:
+                path = directory / f.metadata["file"]
+                if path.exists():
+                    values[f.name] = torch.load(path, weights_only=False)
+            elif f.name in scalars:
+                values[f.name] = scalars[f.name]
+        return cls(**values)
+
+
 def save_training_checkpoint(
     path: str | os.PathLike,
+    state: TrainerState,
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer | dict[str, Any],
-    scheduler: Any,
-    perturbation_state: dict[str, torch.Tensor] | None,
-    trainer_state: dict[str, Any],
-    rng: dict[str, Any],
-    config: Any = None,
     model_state: dict[str, torch.Tensor] | None = None,
-    rng_per_rank: list[dict[str, Any]] | None = None,
+    config: Any = None,
 ) -> Path:
     """Atomically write a full training checkpoint to ``path`` (a directory).
 
     The model part is itself a valid export (``path/model``), so any checkpoint can be served
-    or evaluated directly. Multi-process runs pass the full ``model_state`` where the model
-    holds shards (FSDP), the optimiser as an already gathered state dict, and every rank's RNG
-    state (``rng_per_rank``, restored per rank on resume; ``rng`` is rank 0's).
+    or evaluated directly; ``model_state`` replaces ``model.state_dict()`` where the model holds
+    shards (FSDP: the gathered full state). ``config`` (the resolved `TrainConfig`) is saved
+    once, as ``config.yaml``, so ``--resume`` needs nothing else. Refuses
+    (`NonFiniteCheckpointError`) if any weight, optimiser moment or sigma is NaN/inf.
     """
     path = Path(path)
-    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     weights = serving_state_dict(model, model_state)
-    tensors = {**weights, **_optimizer_tensors(opt_state)}
-    tensors.update({f"perturbation.{k}": v for k, v in (perturbation_state or {}).items()})
-    bad = first_nonfinite(tensors)
+    bad = first_nonfinite({**weights, **state.tensors()})
     if bad is not None:
         raise NonFiniteCheckpointError(
             f"refusing to write checkpoint {path}: tensor {bad!r} is not finite"
@@ -159,41 +224,28 @@ def save_training_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_export(model, tokenizer, tmp / "model", state_dict=weights)
-    torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict() if scheduler is not None else None, tmp / "scheduler.pt")
-    torch.save(perturbation_state, tmp / "perturbation.pt")
-    torch.save(rng, tmp / "rng.pt")
-    if rng_per_rank is not None:
-        torch.save(rng_per_rank, tmp / "rng_per_rank.pt")
-    if config is not None:  # the resolved config, so --resume needs nothing else
+    save_export(model, tokenizer, tmp / MODEL_DIRNAME, state_dict=weights)
+    state.save(tmp)
+    if config is not None:
         from alp_agents.configs.loader import save_config
 
-        save_config(config, tmp / "config.yaml")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        save_config(config, tmp / CONFIG_FILE)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load the non-model parts of a checkpoint (the model is loaded from ``path/model``)."""
+def load_training_checkpoint(path: str | os.PathLike) -> TrainerState:
+    """The `TrainerState` of a checkpoint (its weights are in `checkpoint_model_dir`)."""
     path = Path(path)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.json)")
-    return {
-        "model_dir": path / "model",
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=False),
-        "perturbation": torch.load(path / "perturbation.pt", weights_only=False),
-        "rng": torch.load(path / "rng.pt", weights_only=False),
-        "rng_per_rank": (
-            torch.load(path / "rng_per_rank.pt", weights_only=False)
-            if (path / "rng_per_rank.pt").exists()
-            else None
-        ),
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
-    }
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_FILE})")
+    return TrainerState.load(path)
+
+
+def checkpoint_model_dir(path: str | os.PathLike) -> Path:
+    """The plain export of the weights inside a training checkpoint."""
+    return Path(path) / MODEL_DIRNAME
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -203,7 +255,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     if root.is_dir():
         for p in root.iterdir():
             m = _STEP_DIR.match(p.name)
-            if m and (p / "trainer_state.json").exists():
+            if m and (p / STATE_FILE).exists():
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -215,6 +267,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes: ``run_dir/checkpoints/step_000010``."""
     return Path(run_dir) / CHECKPOINT_DIRNAME / f"step_{step:06d}"
 
 

@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+import tests.tiny_models  # noqa: E402,F401  (registers tiny-llama)
 import tests.trainer.conftest  # noqa: E402,F401  (registers test/LengthParity-v0)
 from alp_agents.models import load_tokenizer, make_tiny_model  # noqa: E402
 from alp_agents.trainer import ALPTrainer, TrainConfig  # noqa: E402
@@ -76,7 +77,7 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 def full_state(trainer: ALPTrainer) -> dict[str, torch.Tensor]:
     """The trainer's full (under FSDP: gathered) model state dict, on every rank."""
-    return dict(trainer._full_state_dict(all_ranks=True))
+    return dict(trainer.dist.full_state_dict(trainer.model, all_ranks=True))
 
 
 def engine_matches(trainer: ALPTrainer, state: dict[str, torch.Tensor]) -> bool:

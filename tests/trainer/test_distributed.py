@@ -204,21 +204,20 @@ def test_prompts_must_split_evenly_over_processes(prompts, mini_batches, error):
     the ranks' collectives out of step, so they are refused before any model is loaded."""
     from types import SimpleNamespace
 
-    from alp_agents.trainer import ALPTrainer, TrainConfig, TrainConfigError
+    from alp_agents.trainer import TrainConfig, TrainConfigError
+    from alp_agents.trainer.distributed import check_world
 
     cfg = TrainConfig()
     cfg.rollout.prompts_per_step, cfg.rollout.group_size = prompts, 2
     cfg.algorithm.mini_batches = mini_batches
-    fake = SimpleNamespace(
-        cfg=cfg,
-        accelerator=SimpleNamespace(num_processes=2, distributed_type=None),
-        is_main=True,
-    )
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=None)
+    said: list[str] = []
     if error is None:
-        ALPTrainer._check_distributed_type(fake)
+        check_world(cfg.rollout, cfg.algorithm, accelerator, said.append)
     else:
         with pytest.raises(TrainConfigError, match=error):
-            ALPTrainer._check_distributed_type(fake)
+            check_world(cfg.rollout, cfg.algorithm, accelerator, said.append)
+    assert said == []
 
 
 # ------------------------------------------------------------------------------------ DDP

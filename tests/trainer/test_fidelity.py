@@ -29,10 +29,10 @@ def test_rows_of_one_prompt_get_independent_noise(tmp_path, problem_files, token
     sub = {"input_ids": torch.tensor([row, row]), "attention_mask": torch.ones(2, len(row))}
     score_from = torch.tensor([4, 4])
     with torch.no_grad(), trainer.perturbation.active(seed=3):
-        lp, _ = trainer._numerator_logprobs(sub, score_from)
+        lp, _ = trainer.update.numerator_logprobs(sub, score_from)
     assert (lp[0, 4:] != lp[1, 4:]).all(), lp[:, 4:]
     with torch.no_grad():  # without noise the two rows are the same computation
-        clean, _ = trainer._numerator_logprobs(sub, score_from)
+        clean, _ = trainer.update.numerator_logprobs(sub, score_from)
     torch.testing.assert_close(clean[0], clean[1])
 
 
@@ -52,12 +52,12 @@ def test_sigma_learns_only_from_the_policy_loss(tmp_path, problem_files, tokeniz
     mask[:, 3:] = 1
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer.perturbation.active(seed=5):
-        lp, _ = trainer._numerator_logprobs(sub, torch.tensor([3, 3]))
+        lp, _ = trainer.update.numerator_logprobs(sub, torch.tensor([3, 3]))
         terms = policy_loss_terms(
             lp, lp.detach(), torch.zeros(2), mask, trainer.loss_cfg,
             old_logprobs=lp.detach(), ref_logprobs=lp.detach() - 0.3,
         )  # fmt: skip
-        trainer._backward(terms)
+        trainer.update.backward(terms)
     assert float(terms.regularizer.detach()) > 0
     sigma_grad = trainer.perturbation.log_sigma.grad
     assert sigma_grad is not None and float(sigma_grad.abs().max()) == 0.0

@@ -146,7 +146,7 @@ def test_tool_env_step_on_the_real_sandbox_with_eval_checkpoint_export_and_plots
     keys = set(load_file(str(result.export_dir / "model.safetensors")))
     assert not any("sigma" in k for k in keys)
     served = AutoModelForCausalLM.from_pretrained(result.export_dir)
-    trained = trainer._unwrapped().state_dict()
+    trained = trainer.dist.unwrap(trainer.model).state_dict()
     for k, v in served.state_dict().items():
         assert torch.equal(v, trained[k]), k
 
@@ -154,15 +154,54 @@ def test_tool_env_step_on_the_real_sandbox_with_eval_checkpoint_export_and_plots
 def test_alp_steps_move_weights_and_sigma(tmp_path, problems, tokenizer):
     cfg = tiny_config(tmp_path, problems, steps=2)
     trainer = make_trainer(cfg, tokenizer)
-    before = {k: v.clone() for k, v in trainer._unwrapped().state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.dist.unwrap(trainer.model).state_dict().items()}
     sigma0 = trainer.perturbation.sigmas().clone()
     trainer.train()
     rows = step_rows(trainer.run_dir)
     assert 0 < rows[1]["reward/mean"] < 1
     assert rows[1]["advantage/abs_mean"] > 0
-    after = trainer._unwrapped().state_dict()
+    after = trainer.dist.unwrap(trainer.model).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(sigma0, trainer.perturbation.sigmas())
+
+
+def test_step_metrics_are_the_values_of_the_batch(tmp_path, problems, tokenizer):
+    """One step's metrics recomputed by hand from the trajectories it rolled out: rewards,
+    turns, tokens, finish reasons, advantages, the K optimiser steps and the problems sampled."""
+    from alp_agents.learner.advantages import grpo_advantages
+
+    cfg = tiny_config(tmp_path, problems, steps=1)
+    cfg.algorithm.mini_batches = 4
+    trainer = make_trainer(cfg, tokenizer)
+    seen = []
+    rollout = trainer.rollout
+
+    def recording_rollout():
+        trajs, metrics = rollout()
+        seen.extend(trajs)
+        return trajs, metrics
+
+    trainer.rollout = recording_rollout
+    m = trainer.train_step()
+    n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    assert len(seen) == n and not any(t.is_infra_failure for t in seen)
+    assert len({t.problem_id for t in seen}) == cfg.rollout.prompts_per_step
+    assert m["batch/trajectories"] == n and m["batch/infra_failures"] == 0
+    assert m["reward/mean"] == pytest.approx(sum(t.reward for t in seen) / n)
+    assert m["env/turns_mean"] == pytest.approx(sum(t.num_turns for t in seen) / n)
+    tokens = sum(sum(t.loss_mask) for t in seen)
+    assert m["env/response_tokens_mean"] == pytest.approx(tokens / n)
+    assert m["tokens/before_rejection"] == tokens  # void turns are not masked in this config
+    finish = {k: v for k, v in m.items() if k.startswith("finish/")}
+    assert sum(finish.values()) == pytest.approx(1.0)
+    for key, value in finish.items():
+        reason = key.removeprefix("finish/")
+        assert value == pytest.approx(sum(t.finish_reason == reason for t in seen) / n)
+    adv = grpo_advantages([t.reward for t in seen], [t.group_id for t in seen])
+    assert m["advantage/abs_mean"] == pytest.approx(float(adv.abs().mean()), rel=1e-6)
+    assert m["update/steps"] == cfg.algorithm.mini_batches and m["update/skipped"] == 0
+    assert m["update/lr"] == pytest.approx(cfg.optim.lr)
+    assert m["sigma/mean"] > 0 and m["perturbation/logprob_change"] > 0
 
 
 # ------------------------------------------------------------------------------- resume
@@ -245,17 +284,17 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, problems, 
     after max_nonfinite_in_row in a row the run stops with a clear error and no NaN checkpoint."""
     cfg = tiny_config(tmp_path, problems, steps=3, max_nonfinite_in_row=3)
     trainer = make_trainer(cfg, tokenizer)
-    before = {k: v.clone() for k, v in trainer._unwrapped().state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.dist.unwrap(trainer.model).state_dict().items()}
 
     def poison(module, args, output):  # only the grad-enabled training forward is poisoned
         if torch.is_grad_enabled():
             output.logits = output.logits * float("nan")
         return output
 
-    trainer._unwrapped().register_forward_hook(poison)
+    trainer.dist.unwrap(trainer.model).register_forward_hook(poison)
     with pytest.raises(TrainingDivergedError, match="3 consecutive optimiser steps"):
         trainer.train()
-    after = trainer._unwrapped().state_dict()
+    after = trainer.dist.unwrap(trainer.model).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.skipped_updates == 3
     assert ckpt.latest_checkpoint(trainer.run_dir) is None
@@ -264,7 +303,7 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, problems, 
 def test_nan_state_is_never_checkpointed(tmp_path, problems, tokenizer):
     trainer = make_trainer(tiny_config(tmp_path, problems), tokenizer)
     with torch.no_grad():
-        next(trainer._unwrapped().parameters()).view(-1)[0] = float("nan")
+        next(trainer.dist.unwrap(trainer.model).parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ckpt.NonFiniteCheckpointError):
         trainer.save_checkpoint()
     assert ckpt.latest_checkpoint(trainer.run_dir) is None
