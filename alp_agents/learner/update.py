@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from alp_agents.common import derive_seed
 from alp_agents.learner.batching import mini_batch_rows, trim_shared_padding
 
 if TYPE_CHECKING:
+    from alp_agents.configs.train import TrainConfig
     from alp_agents.learner.objectives import LossTerms, PolicyLossConfig
     from alp_agents.learner.perturb import LayerwisePerturbation
     from alp_agents.rollout.trajectory import Trajectory
@@ -70,15 +72,12 @@ def noise_seed(seed: int, step: int, rank: int, mini_batch: int, micro_batch: in
     >>> noise_seed(0, 3, 0, 1, 2) != noise_seed(0, 3, 1, 1, 2)
     True
     """
-    import hashlib
-
-    key = f"alp-noise:{seed}:{step}:{rank}:{mini_batch}:{micro_batch}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % 2**62
+    return derive_seed("noise", seed, step, rank, mini_batch, micro_batch)
 
 
 def shuffle_seed(seed: int, step: int) -> int:
     """The seed of the order in which one step's prompt groups are split into mini-batches."""
-    return (seed * 1_000_003 + step * 7_919 + 7 * 104_729) % (2**31 - 1)
+    return derive_seed("mini-batches", seed, step)
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class UpdateSettings:
     autocast: str = "none"  # "bf16" | "none"
 
     @classmethod
-    def from_config(cls, cfg: Any, autocast: str) -> UpdateSettings:
+    def from_config(cls, cfg: TrainConfig, autocast: str) -> UpdateSettings:
         """From a `TrainConfig` and its resolved autocast ("bf16" | "none")."""
         a = cfg.algorithm
         return cls(

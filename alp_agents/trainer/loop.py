@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from alp_agents.common import rewrite_jsonl
+from alp_agents.common import derive_seed, rewrite_jsonl
 from alp_agents.configs.train import TrainConfig, eval_dataset, loss_config, validate_config
 from alp_agents.learner.update import (
     PolicyUpdate,
@@ -721,7 +721,7 @@ class ALPTrainer:
 
     def _warn(self, text: str) -> None:
         self._say(f"WARNING: {text}")
-        if getattr(self, "logger", None) is not None:
+        if self.logger is not None:
             with contextlib.suppress(Exception):
                 self.logger.log(self.step, {"warning/nonfinite_step": float(self.step)})
 
@@ -736,8 +736,9 @@ def threading_is_main() -> bool:
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of one process's episodes of one step (sampling and environments)."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**31 - 1)
+    """The seed of one process's episodes of one step (sampling and environments); 31 bits,
+    the range the rollout's own seed arithmetic was written for."""
+    return derive_seed("rollout", seed, step, rank, bits=31)
 
 
 def _state_dict_from_dir(path: Path) -> dict[str, torch.Tensor]:
