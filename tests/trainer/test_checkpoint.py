@@ -136,3 +136,21 @@ def test_a_non_finite_optimiser_moment_is_never_written(tmp_path):
 def test_not_a_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         ckpt.load_training_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_written_before_the_typed_state_still_loads(tmp_path):
+    """Checkpoints of the previous layout kept the config in trainer_state.json as well and had
+    no skipped-update count: the same files, so they load (unknown keys ignored, defaults)."""
+    state = a_state()
+    state.save(tmp_path)
+    old = {
+        "step": 2,
+        "sampler": state.sampler,
+        "nonfinite_in_row": 0,
+        "eval_history": [],
+        "config": {"steps": 8, "seed": 0},
+    }
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps(old))
+    back = ckpt.load_training_checkpoint(tmp_path)
+    assert back.step == 2 and back.skipped_updates == 0 and back.sampler == state.sampler
+    assert_same(back.optimizer, state.optimizer)
