@@ -1,6 +1,6 @@
 """PythonToolEnv (``alp/PythonTool-v0``): multi-turn tool-integrated reasoning on the sandbox.
 
-The loop of ALP_SPEC section 5 (the authors' release):
+The loop of the authors' release (docs/environments.md, `alp/PythonTool-v0`):
 
 1. The question comes with an instruction: reason, optionally write a fenced ```python block,
    put the final answer in ``\\boxed{}``.
