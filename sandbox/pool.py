@@ -176,7 +176,7 @@ class _Worker:
 
 
 class WorkerPoolSandbox:
-    """What WorkerPoolSandbox and DockerSandbox share: a pool of warm servers, one request at a time
+    """What LocalSandbox and DockerSandbox share: a pool of warm servers, one request at a time
     each, that runs snippets (`run`, `run_many`, `arun`) and hosts sessions (`session`).
 
     The servers are the given workers (``make_worker(index)``); where a server runs (a host
