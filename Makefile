@@ -12,8 +12,8 @@ TCMALLOC_STAMP := $(VENV)/.tcmalloc-checked
 TORCH_VERSION ?= 2.13.0
 ALP_TCMALLOC ?= 1
 
-# tcmalloc makes PyTorch on CPU much faster (bf16 training 530 -> 873 tokens/s on the reference
-# box, see PERF_NOTES). Found at recipe time, i.e. after `setup` had the chance to install it;
+# tcmalloc makes PyTorch on CPU much faster (bf16 training 530 -> 873 tokens/s, measured on the
+# 2-core development box; docs/training.md's numbers are all with tcmalloc). Found at recipe time, i.e. after `setup` had the chance to install it;
 # empty (plain glibc malloc) where it is not available.
 TCMALLOC_LIBS := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
                  /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \

@@ -129,5 +129,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         """The new module is already executed."""
 
 
+# First in line: for an old submodule path (``alp_agents.engines.hf``) the parent already is the
+# new package, and the ordinary path finder would find ``hf.py`` there and load a second copy.
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
+    sys.meta_path.insert(0, _MovedModuleFinder())

@@ -33,6 +33,7 @@ from gymnasium import spaces
 from .datasets import DatasetError, Problem, load_dataset, problem_from_record
 from .grading import DEFAULT_TIMEOUT_S, EXTRACTIONS, Grade, grade
 from .prompts import DEFAULT_QUESTION_TEMPLATE, Message, build_messages
+from .text import did_you_mean
 
 FINISH_REASONS: tuple[str, ...] = (
     "answer",
@@ -381,12 +382,9 @@ class TextEnv(gymnasium.Env):
         if "problem_id" in options:
             pid = str(options["problem_id"])
             if pid not in self._index:
-                import difflib
-
-                close = difflib.get_close_matches(pid, list(self._index), n=3)
-                hint = f"; close: {close}" if close else ""
                 raise KeyError(
-                    f"problem_id {pid!r} is not in dataset {self.dataset_name!r} ({len(self.problems)} problems){hint}"
+                    f"problem_id {pid!r} is not in dataset {self.dataset_name!r} "
+                    f"({len(self.problems)} problems).{did_you_mean(pid, self._index)}"
                 )
             return self.problems[self._index[pid]]
         if "problem_index" in options:

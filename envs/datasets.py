@@ -21,7 +21,6 @@ Bundled data and its provenance and licences: ``envs/data/SOURCES.md``.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .text import did_you_mean
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -177,8 +178,7 @@ def load_dataset(
         if not path.is_file():
             raise DatasetError(f"problem file not found: {path}")
         return read_jsonl(path)
-    close = difflib.get_close_matches(key, available_datasets(), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(key, available_datasets(), cutoff=0.5)
     splits = sorted(s.rsplit("_", 1)[1] for s in BUNDLED if s.startswith(key + "_"))
     if splits:
         hint = f" Dataset {key!r} has splits {splits}; pass split=..." + hint

@@ -70,7 +70,7 @@ class Grade:
 
     @property
     def reward(self) -> float:
-        """1.0 iff correct (the binary reward of ALP_SPEC section 5)."""
+        """1.0 iff correct (the binary reward of the authors' release; docs/environments.md)."""
         return 1.0 if self.status == "correct" else 0.0
 
     def to_dict(self) -> dict:

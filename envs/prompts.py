@@ -1,6 +1,6 @@
 """Prompt text: instructions, one-shot examples and how they become the first chat messages.
 
-The Python-tool instruction follows ALP_SPEC section 5 (the authors' release): reason step by
+The Python-tool instruction follows the authors' release (docs/environments.md): reason step by
 step, Python may be written in a fenced block, its output comes back as "Code execution result:
 ...", the final answer goes in ``\\boxed{}``; it is prepended to the question in the user message.
 
@@ -29,7 +29,7 @@ PYTHON_TOOL_INSTRUCTION = (
     '"Code execution result: ...". Put your final answer within \\boxed{}.'
 )
 
-#: The observation wrapper of the Python tool (ALP_SPEC section 5).
+#: The observation wrapper of the Python tool (the authors' release; docs/environments.md).
 CODE_RESULT_TEMPLATE = "Code execution result: {output}"
 
 #: Question template: ``{instruction}`` and ``{question}`` are filled in.

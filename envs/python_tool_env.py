@@ -1,6 +1,6 @@
 """PythonToolEnv (``alp/PythonTool-v0``): multi-turn tool-integrated reasoning on the sandbox.
 
-The loop of ALP_SPEC section 5 (the authors' release):
+The loop of the authors' release (docs/environments.md, `alp/PythonTool-v0`):
 
 1. The question comes with an instruction: reason, optionally write a fenced ```python block,
    put the final answer in ``\\boxed{}``.
@@ -40,7 +40,7 @@ import os
 import threading
 from typing import Any
 
-from sandbox import ExecutionResult, Limits, LocalSandbox
+from sandbox import ExecutionResult, Limits, LocalSandbox, Sandbox, SandboxSession
 
 from .core import TextEnv, TurnOutcome
 from .grading import Grade, extract_boxed
@@ -76,7 +76,8 @@ class PythonToolEnv(TextEnv):
         max_turns: default 5 (the release uses 10 for AIME evaluation).
         stateful: True (default) keeps one sandbox session per episode; False runs every block
             in a fresh process (the release's behaviour).
-        sandbox: a ``LocalSandbox``/``DockerSandbox`` to use instead of :func:`shared_sandbox`.
+        sandbox: a :class:`sandbox.Sandbox` (``LocalSandbox``, ``DockerSandbox``, ...) to use
+            instead of :func:`shared_sandbox`.
         limits: per-call :class:`sandbox.Limits` (default 3 s, 2 GB).
         one_shot: default True: a solved "What is 123 * 456?" conversation precedes the question
             (the default 135M model needs it to write code at all).
@@ -93,7 +94,7 @@ class PythonToolEnv(TextEnv):
         split: str | None = "train",
         *,
         stateful: bool = True,
-        sandbox: Any | None = None,
+        sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         one_shot: Any = True,
         result_template: str = CODE_RESULT_TEMPLATE,
@@ -108,7 +109,7 @@ class PythonToolEnv(TextEnv):
         self.result_template = result_template
         self.empty_output = empty_output
         self._sandbox = sandbox
-        self._session = None
+        self._session: SandboxSession | None = None
         # Stop at the end of the first complete code block. The opening fence "```python\n"
         # does not contain "```\n" (a letter follows the backticks), so the first match is
         # the closing fence. A bare "```\n" opening fence also matches: that turn has no
@@ -116,7 +117,7 @@ class PythonToolEnv(TextEnv):
         self.stop_sequences = ["```\n"]
 
     @property
-    def sandbox(self) -> Any:
+    def sandbox(self) -> Sandbox:
         if self._sandbox is None:
             self._sandbox = shared_sandbox()
         return self._sandbox

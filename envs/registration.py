@@ -26,7 +26,6 @@ The module is only imported when the environment is first made.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import threading
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from typing import Any
 
 import gymnasium
 from gymnasium.error import UnregisteredEnv
+
+from .text import did_you_mean
 
 ENTRY_POINT_GROUP = "alp_agents.envs"
 
@@ -109,8 +110,7 @@ def make(id: str, **kwargs: Any) -> gymnasium.Env:
         discover_plugins(force=True)  # a package may have been installed since the last scan
     if id not in gymnasium.registry:
         known = registered()
-        close = difflib.get_close_matches(id, known, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(id, known)
         raise UnknownEnvError(
             f"unknown environment id {id!r}.{hint} Registered: {', '.join(known) or '(none)'}. "
             f"Register one with envs.register(id, entry_point) or a package entry point in group "

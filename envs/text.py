@@ -1,4 +1,4 @@
-"""Small pure text helpers shared by the environments (code blocks, head+tail truncation).
+"""Small pure text helpers shared by the environments (code blocks, head+tail truncation, hints).
 
 >>> find_code_block("Let me compute.\\n```python\\nprint(6 * 7)\\n```\\n")
 CodeBlock(code='print(6 * 7)', start=16, end=42)
@@ -8,7 +8,9 @@ CodeBlock(code='print(6 * 7)', start=16, end=42)
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Languages whose fenced blocks the Python tool runs (``py`` is common in small models' output).
@@ -67,3 +69,19 @@ def last_line(text: str) -> str:
     """The last non-empty line (the error line of a Python traceback)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def did_you_mean(value: str, choices: Iterable[str], *, cutoff: float = 0.6, n: int = 3) -> str:
+    """``" Did you mean 'a' or 'b'?"`` for the closest choices, or ``""`` when none is close.
+
+    The same hint format as ``alp_agents.common.did_you_mean`` (envs cannot import alp_agents).
+
+    >>> did_you_mean("math50", ["math500", "gsm8k"])
+    " Did you mean 'math500'?"
+    >>> did_you_mean("zzz", ["math500"])
+    ''
+    """
+    close = difflib.get_close_matches(str(value), list(choices), n=n, cutoff=cutoff)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -5,9 +5,11 @@
     ...     sb.run("print(1)").stdout
     '1\\n'
 
+`Sandbox` is the interface environments use; `LocalSandbox` and `DockerSandbox` implement it.
 See docs/sandbox.md for the isolation layers, the defaults and the measured speed.
 """
 
+from .interface import Sandbox, SandboxSession
 from .isolation import IsolationReport
 from .limits import Limits
 from .local import LocalSandbox, SandboxUnavailable, Session
@@ -20,6 +22,8 @@ __all__ = [
     "IsolationReport",
     "Limits",
     "LocalSandbox",
+    "Sandbox",
+    "SandboxSession",
     "SandboxUnavailable",
     "Session",
     "Status",

@@ -1,8 +1,9 @@
-"""DockerSandbox: the same interface as LocalSandbox, on hosts with a Docker engine.
+"""DockerSandbox: the `sandbox.Sandbox` interface LocalSandbox has, on hosts with a Docker engine.
 
 A pool of long-lived, locked-down containers (one per worker) each runs the same warm fork
 server (``python -m sandbox.server``) through ``docker exec -i``; snippets never pay for
-``docker run``. The container adds its own walls (no network, read-only root file system,
+``docker run``. The pool, sessions and failure handling are `sandbox.pool.WorkerPoolSandbox`'s,
+shared with LocalSandbox; only where a worker's server runs differs. The container adds its own walls (no network, read-only root file system,
 all capabilities dropped but the few the server needs to build its inner layers, memory and
 pids limits, no-new-privileges); inside, the server probes and applies whatever layers the
 container allows (uid drop, rlimits, seccomp, namespaces), exactly as on the host.
@@ -26,9 +27,11 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from .limits import Limits
-from .local import SCRUBBED_ENV, LocalSandbox, _Worker
+from .pool import SCRUBBED_ENV, WorkerPoolSandbox, _Worker
 
 DEFAULT_IMAGE = "alp-sandbox:latest"
 # What the trusted server inside needs to build its inner layers (namespaces, uid drop, kills,
@@ -68,10 +71,12 @@ def docker_unavailable_reason(image: str = DEFAULT_IMAGE) -> str | None:
 class _DockerWorker(_Worker):
     """A worker whose server runs inside its own long-lived container."""
 
-    def __init__(self, sandbox: DockerSandbox, index: int) -> None:
-        super().__init__(sandbox._server_command, index)
-        self.sandbox = sandbox
-        self.container = None
+    def __init__(
+        self, server_command: list[str], index: int, create_container: Callable[[int], Any]
+    ) -> None:
+        super().__init__(server_command, index)
+        self.create_container = create_container
+        self.container: Any = None
 
     def _ensure_container(self):
         if self.container is not None:
@@ -79,7 +84,7 @@ class _DockerWorker(_Worker):
             if self.container.status == "running":
                 return self.container
             self.container.remove(force=True)
-        self.container = self.sandbox._create_container(self.index)
+        self.container = self.create_container(self.index)
         return self.container
 
     def _launch(self):
@@ -105,15 +110,16 @@ class _DockerWorker(_Worker):
             with contextlib.suppress(Exception):
                 self.container.restart(timeout=0)
 
-    def remove_container(self) -> None:
+    def dispose(self) -> None:
+        """Remove the container (the pool is closing)."""
         if self.container is not None:
             with contextlib.suppress(Exception):
                 self.container.remove(force=True)
             self.container = None
 
 
-class DockerSandbox(LocalSandbox):
-    """LocalSandbox's interface, with each worker's server inside a locked-down container.
+class DockerSandbox(WorkerPoolSandbox):
+    """The `sandbox.Sandbox` interface, with each worker's server inside a locked-down container.
 
     Args:
         limits, workers: as for LocalSandbox.
@@ -146,14 +152,14 @@ class DockerSandbox(LocalSandbox):
         self._session_tag = uuid.uuid4().hex[:12]
         limits = limits or Limits()
         self.container_memory_mb = container_memory_mb or limits.memory_mb + 512
+        server_command = [python, "-m", "sandbox.server"]
         # The container is the isolation layer even where the inner probe finds little.
-        super().__init__(limits, workers, allow_unisolated=True, hide_paths=[])
-        self._server_command = [python, "-m", "sandbox.server"]
-        for worker in self._workers:
-            worker.server_command = self._server_command
-
-    def _make_worker(self, index: int) -> _Worker:
-        return _DockerWorker(self, index)
+        super().__init__(
+            limits,
+            workers,
+            lambda index: _DockerWorker(server_command, index, self._create_container),
+            allow_unisolated=True,
+        )
 
     def _create_container(self, index: int):
         limits = self.limits
@@ -182,15 +188,6 @@ class DockerSandbox(LocalSandbox):
             working_dir="/tmp",
             stop_signal="SIGKILL",
         )
-
-    def close(self) -> None:
-        """Stop the servers and remove the containers; idempotent."""
-        if self._closed:
-            return
-        super().close()
-        for worker in self._workers:
-            if isinstance(worker, _DockerWorker):
-                worker.remove_container()
 
     @property
     def launcher_pids(self) -> list[int]:

@@ -1,7 +1,7 @@
 """Resource limits for one snippet (or one session turn).
 
-The defaults follow the authors' release for multi-turn math tool use (ALP_SPEC section 5):
-3 s wall clock and 2 GB of memory per call. The other defaults are chosen so that legitimate
+The defaults follow the authors' release for multi-turn math tool use (see
+docs/environments.md, `alp/PythonTool-v0`): 3 s wall clock and 2 GB of memory per call. The other defaults are chosen so that legitimate
 math code (numpy, sympy, threads, moderate recursion) never hits them while attacks (fork bombs,
 huge files, floods of output) are stopped within a fraction of the timeout.
 

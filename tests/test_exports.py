@@ -17,3 +17,10 @@ def test_every_public_name_resolves(name):
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         alp_agents.nope  # noqa: B018
+
+
+def test_every_sandbox_name_resolves():
+    import sandbox
+
+    for name in sandbox.__all__:
+        assert getattr(sandbox, name) is not None, name

@@ -66,6 +66,8 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from alp_agents.common import did_you_mean
+
 __all__ = [
     "CLI_SOURCE",
     "CliExtras",
@@ -334,14 +336,14 @@ def _suggest(key: str, leaf_types: dict[str, Any]) -> str:
     """' Did you mean ...?' using the full dotted key, then its last component."""
     valid = list(leaf_types)
     sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
-    close = difflib.get_close_matches(key, valid + sorted(sections), n=1, cutoff=0.6)
-    if not close:
-        leaf = key.rsplit(".", 1)[-1]
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
-        match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-        close = [by_leaf[match[0]]] if match else []
-    if close:
-        return f" Did you mean {close[0]!r}?"
+    hint = did_you_mean(key, valid + sorted(sections))
+    if hint:
+        return hint
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    if match:  # a misspelt last component under the wrong section: suggest the full key
+        return did_you_mean(by_leaf[match[0]], [by_leaf[match[0]]])
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     siblings = [k for k in valid if k.startswith(parent + ".")] if parent else valid
     return f" Valid keys here: {', '.join(siblings[:20])}" if siblings else ""

@@ -1,4 +1,4 @@
-"""GRPO group-relative advantages (ALP_SPEC section 2, used by every method).
+"""GRPO group-relative advantages (docs/alp.md, section 5; used by every method).
 
 Each prompt is rolled out ``n`` times; the ``n`` trajectories form a group. A trajectory's
 advantage is its reward minus the group mean, divided by the group's *unbiased* standard deviation

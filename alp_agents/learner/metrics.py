@@ -1,4 +1,4 @@
-"""Learner diagnostics (ALP_SPEC section 4): pure, cheap functions on detached tensors.
+"""Learner diagnostics (docs/alp.md, Metrics): pure, cheap functions on detached tensors.
 
 Every function takes ``(B, T)`` tensors plus a 0/1 ``mask`` and returns a flat ``dict`` of
 0-dim tensors keyed ``"group/name"``; `policy_loss` merges them and converts everything to

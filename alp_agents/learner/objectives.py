@@ -1,6 +1,7 @@
 """Policy losses for ALP and every baseline: one function, presets are configuration.
 
-The loss follows ALP_SPEC section 2 and 3 (see docs/alp.md for the algorithm explained):
+The loss follows docs/alp.md, sections 2-4 (the ratio, the surrogate and the aggregation, the
+off-policy corrections):
 
 1. per-token log-ratio ``d_t = log pi(y_t) - log den(y_t)`` on loss tokens, where ``den`` is the
    inference engine's ``mu`` (``denominator="infer"``: ALP, Bypass) or the trainer's recomputed
@@ -239,7 +240,7 @@ class PolicyLossConfig:
     def preset(
         cls, name: str, /, setting: str = "multi_turn", **overrides: Any
     ) -> PolicyLossConfig:
-        """A named method's configuration (values from ALP_SPEC), then ``overrides``.
+        """A named method's configuration (values from the paper and the authors' release; docs/alp.md, Presets), then ``overrides``.
 
         Args:
             name: one of ``alp, bypass, grpo, gspo, tis, mis, token_alp, seq_mis, seq_tis,
@@ -547,7 +548,7 @@ def log_ratio(
 def clipped_surrogate(
     ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float, dual_clip: float | None
 ) -> torch.Tensor:
-    """Per-token PPO loss with asymmetric clip and dual clip (ALP_SPEC section 2)."""
+    """Per-token PPO loss with asymmetric clip and dual clip (docs/alp.md, section 3)."""
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss1, loss2)
@@ -747,7 +748,7 @@ class LossTerms:
     """The parts of a policy loss (`policy_loss_terms`).
 
     ``policy`` is the clipped, corrected surrogate: the only term the perturbation scale sigma
-    may learn from (ALP_SPEC section 1: "it learns only through the policy-loss gradient").
+    may learn from (docs/alp.md, section 1: sigma "learns only through the policy-loss gradient").
     ``regularizer`` is ``kl_coef * KL - entropy_coef * entropy`` (a zero tensor when both are
     off); a trainer keeps its gradient away from sigma. ``total = policy + regularizer``.
     """

@@ -1,6 +1,6 @@
 """Adaptive Layerwise Perturbation: seeded Gaussian noise on the residual stream of every layer.
 
-ALP_SPEC section 1. At the input of each selected decoder layer ``l`` (before its pre-norm) the
+docs/alp.md, section 1 (layerwise perturbation). At the input of each selected decoder layer ``l`` (before its pre-norm) the
 hidden state becomes ``h + sigma_l * eps_l`` with ``eps_l ~ N(0, I)`` per token and channel and
 ``sigma_l = exp(s_l)`` a learnable scalar kept in log space. The noisy state replaces ``h`` for
 both the residual branch and the norm input, so noise accumulates through the stack.

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -53,6 +52,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from alp_agents.common import did_you_mean
+from alp_agents.reporting.console import say
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -221,8 +223,7 @@ def _embedded_spec(name: str) -> EmbeddedModel:
 
 def _unknown_model_message(name: str) -> str:
     known = ", ".join(sorted(EMBEDDED_MODELS))
-    close = difflib.get_close_matches(name.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name.lower(), EMBEDDED_MODELS, cutoff=0.5)
     return (
         f"Unknown model {name!r}.{hint} Pass one of the embedded models ({known}), "
         "a local folder written by save_pretrained (e.g. './runs/x/checkpoint' or an absolute "
@@ -341,7 +342,7 @@ def ensure_embedded_model(name: str = DEFAULT_MODEL, *, rebuild: bool = False) -
 def _say(message: str) -> None:
     """One-time, user-facing progress lines go to stderr (visible even without logging set up)."""
     logger.info(message)
-    print(message, file=sys.stderr, flush=True)
+    say(message)
 
 
 def _build_embedded_cache(spec: EmbeddedModel, target: Path) -> None:

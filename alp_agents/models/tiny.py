@@ -9,11 +9,11 @@ way a user registers any model built in code (`alp_agents.models.registry`).
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from alp_agents.common import did_you_mean
 from alp_agents.models.loading import _as_dtype
 
 if TYPE_CHECKING:
@@ -86,10 +86,8 @@ def make_tiny_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in TINY_ARCHS:
-        close = difflib.get_close_matches(arch, TINY_ARCHS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown tiny architecture {arch!r}.{hint} Known: {', '.join(TINY_ARCHS)}"
+            f"Unknown tiny architecture {arch!r}.{did_you_mean(arch, TINY_ARCHS)} Known: {', '.join(TINY_ARCHS)}"
         )
     if hidden_size % 16:
         raise ValueError(f"hidden_size must be a multiple of 16 (the head size), got {hidden_size}")

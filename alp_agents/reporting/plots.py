@@ -100,7 +100,8 @@ def plot_reward(rows: Sequence[dict[str, Any]], path: Path, eval_key: str | None
     if not (xs or ex):
         _note(ax, "no reward logged")
     _label(ax, "reward / score", "Reward and held-out score")
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty log has nothing to label
+        ax.legend(loc="best", fontsize=8)
     _save(fig, path)
 
 

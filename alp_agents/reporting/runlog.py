@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from alp_agents.common import read_jsonl, rewrite_jsonl
+
 __all__ = ["RunLogger", "make_run_dir", "read_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -110,25 +112,13 @@ def _from_json_value(value: Any) -> Any:
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read ``metrics.jsonl`` (or a run directory holding one) back, restoring nan/inf.
 
-    A last line cut short by a crash is skipped with a warning; any other bad line is an error
-    naming the file and line.
+    A last line cut short by a crash is skipped with a `RuntimeWarning`; any other bad line is
+    an error naming the file and line (`alp_agents.common.read_jsonl`'s policy).
     """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    lines = path.read_text().splitlines()
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_from_json_value(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                logger.warning("%s:%d: skipping a truncated last line", path, number)
-                continue
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
-    return records
+    return [_from_json_value(row) for row in read_jsonl(path)]
 
 
 def _git_commit() -> str | None:
@@ -207,12 +197,8 @@ class RunLogger:
     def _drop_metrics_after(self, step: int) -> None:
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", -1) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.part")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for record in kept:
-                fh.write(json.dumps(_to_json_value(record), allow_nan=False) + "\n")
-        os.replace(tmp, self.metrics_path)
+        # Rows keep their JSON form (nan/inf stay the strings they were written as).
+        rewrite_jsonl(self.metrics_path, lambda row: row.get("step", -1) <= step)
 
     def _open_tensorboard(self, resume_step: int | None) -> Any:
         try:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from alp_agents.common import did_you_mean
 from alp_agents.configs.loader import ConfigError
 
 __all__ = ["Cell", "StudySpec", "read_study_section", "STUDY_SECTION"]
@@ -111,10 +112,7 @@ class StudySpec:
     def from_dict(cls, data: dict[str, Any], source: str) -> StudySpec:
         unknown = sorted(set(data) - set(_SPEC_KEYS))
         if unknown:
-            import difflib
-
-            hints = [difflib.get_close_matches(k, _SPEC_KEYS, n=1) for k in unknown]
-            hint = "".join(f" Did you mean {h[0]!r}?" for h in hints if h)
+            hint = "".join(did_you_mean(k, _SPEC_KEYS) for k in unknown)
             raise ConfigError(
                 f"{source}: unknown key(s) {unknown} in the study section; valid: "
                 f"{', '.join(_SPEC_KEYS)}.{hint}",

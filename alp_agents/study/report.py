@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alp_agents.common import read_jsonl
 from alp_agents.study.aggregate import (
     NAN_INTERVAL,
     Interval,
@@ -56,15 +58,11 @@ def _reduce(values: list[float], how: str) -> float:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the runner reruns the cell anyway
-    return rows
+    """A cell's rows; a missing file is empty and a last line cut by a crash is dropped quietly
+    (the runner reruns that cell anyway). A bad line elsewhere is corruption and raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return read_jsonl(path, missing_ok=True)
 
 
 def heldout_scores(run_dir: Path) -> dict[str, float]:

@@ -21,11 +21,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alp_agents.common import read_jsonl
 from alp_agents.configs.loader import ConfigError, config_to_yaml, load_config
+from alp_agents.reporting.console import progress_bar
 from alp_agents.study.grid import Cell, StudySpec
 from alp_agents.study.report import CELL_FILE, CELLS_DIR, cell_summary
 from alp_agents.trainer import checkpoint as ckpt
@@ -83,17 +86,13 @@ def _check_same_study(output: Path, base_yaml: str) -> None:
 
 def _progress_line(run_dir: Path) -> dict[str, str]:
     """The running cell's last step and reward, read from its metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    try:
+        with warnings.catch_warnings():  # the cell is writing: its last line may be partial
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rows = read_jsonl(run_dir / "metrics.jsonl", missing_ok=True)
+    except ValueError:  # a corrupt file is the cell's problem, not the progress line's
         return {}
-    last = None
-    for line in path.read_text().splitlines()[-5:]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "reward/mean" in row:
-            last = row
+    last = next((row for row in reversed(rows) if "reward/mean" in row), None)
     if last is None:
         return {}
     return {"step": str(last["step"]), "reward": f"{last['reward/mean']:.2f}"}
@@ -151,8 +150,6 @@ def run_study(
     command: str | None = None,
 ) -> Path:
     """Run every cell not yet finished, then write the report; returns ``study.md``."""
-    from tqdm.auto import tqdm
-
     from alp_agents.study.report import write_report
 
     output = Path(output)
@@ -189,8 +186,7 @@ def run_study(
                 continue
             meta_path.unlink()
         todo.append((cell, overrides))
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study", unit="cell",
-               dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(len(cells), initial=len(cells) - len(todo), desc="study", unit="cell")
     try:
         for cell, overrides in todo:
             run_dir = output / CELLS_DIR / cell.id

@@ -89,3 +89,11 @@ def test_render_ansi():
 def test_check_env_passes():
     report = envs.check_env(envs.make("alp/Math-v0", dataset="math500"))
     assert report.ok and "gymnasium.utils.env_checker.check_env" in report.passed
+
+
+def test_unknown_problem_id_names_the_closest_ids():
+    env = envs.make("alp/Math-v0", dataset="arith", split="test")
+    with pytest.raises(KeyError, match=r"arith-tset-3.*Did you mean 'arith-test-3'"):
+        env.reset(options={"problem_id": "arith-tset-3"})
+    with pytest.raises(KeyError, match=r"\(\d+ problems\)\.\W*$"):  # nothing close: no hint
+        env.reset(options={"problem_id": "zzz"})

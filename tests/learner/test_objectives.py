@@ -1,7 +1,7 @@
 """policy_loss against hand-computed values: every preset, every ratio level, clips, masks.
 
 Inputs are built from chosen ratios (log-probs = log of them), so each expected number below
-can be checked with pencil and paper from the formulas in ALP_SPEC section 2-3.
+can be checked with pencil and paper from the formulas in docs/alp.md (the ratio, the surrogate and the aggregation).
 """
 
 from __future__ import annotations

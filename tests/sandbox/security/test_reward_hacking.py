@@ -32,7 +32,10 @@ from .conftest import ATTACK_LIMITS, assert_nothing_left
 
 pytestmark = pytest.mark.security
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout's root (tests/sandbox/security/ is three levels below it). A wrong root would make
+# the file attacks below look for the datasets and README where there are none, and pass.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+assert os.path.isfile(os.path.join(REPO, "pyproject.toml")), REPO
 
 
 def run(sb, code: str, **limits):
