@@ -1,6 +1,6 @@
 """Step records and episode statistics from a real PythonToolEnv episode, and the engine protocol.
 
-`ProtocolEngine` is written only to `InferenceEngine`'s documented signature (one
+`ProtocolEngine` (rollout_helpers) is written only to `InferenceEngine`'s documented signature (one
 `SamplingParams` per prompt, indexed as a sequence) and replays a fixed script of assistant
 turns, so the tool calls that fail, the void turn and the grades are known exactly and the
 statistics can be checked by value.
@@ -8,60 +8,14 @@ statistics can be checked by value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
 
 import envs
 from alp_agents.rollout import run_episodes
-from alp_agents.rollout.engines import InferenceEngine, Sample, SamplingParams
+from alp_agents.rollout.engines import InferenceEngine, SamplingParams
 from alp_agents.rollout.stats import episode_stats
 
-FAILING_CODE = "Let me compute.\n```python\nprint(1 / 0)\n```\n"
-WORKING_CODE = "```python\nprint(2 + 2)\n```\n"
-ANSWER = "The answer is \\boxed{4}."
-VOID = "I am not sure what to do."
-
-SCRIPTS = [
-    [FAILING_CODE, WORKING_CODE, ANSWER],  # episode 0: one failing and one working call, answer
-    [VOID],  # episode 1: a void turn ends it
-]
-
-
-class ProtocolEngine:
-    """Replays ``scripts[i]`` turn by turn for the i-th episode of the first call.
-
-    Only what the protocol documents is used: ``sampling`` is a sequence with one entry per
-    prompt (``sampling[i]``); a single `SamplingParams` would fail here (not subscriptable).
-    """
-
-    def __init__(self, tokenizer: Any, scripts: list[list[str]]) -> None:
-        self.tokenizer = tokenizer
-        self.scripts = scripts
-        self.episodes: list[tuple[list[int], list[str]]] = []  # (initial prompt, turns left)
-        self.seen: list[SamplingParams] = []
-
-    def generate(
-        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
-    ) -> list[Sample]:
-        assert len(sampling) == len(prompts)
-        if not self.episodes:
-            self.episodes = [(list(p), list(s)) for p, s in zip(prompts, self.scripts, strict=True)]
-        out = []
-        for prompt, params in zip(prompts, sampling, strict=True):
-            self.seen.append(params)
-            _, turns = next(e for e in self.episodes if prompt[: len(e[0])] == e[0])
-            text = turns.pop(0)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens]
-            finish = "stop" if "```python" in text else "eos"
-            if finish == "eos":
-                ids.append(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-            out.append(Sample(ids, [-0.5] * len(ids), finish))
-        return out
-
-    def update_weights(self, model_or_state_dict: Any) -> None:
-        """Scripted: no weights."""
+from .rollout_helpers import FAILING_CODE, SCRIPTS, VOID, WORKING_CODE, ProtocolEngine
 
 
 @pytest.fixture(scope="module")
