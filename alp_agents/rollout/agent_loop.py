@@ -33,6 +33,12 @@ a budget still goes to the env, so an answer in it is graded, and the episode's
 exceptions become ``sandbox_error`` episodes with an ``unverifiable`` grade and the traceback in
 ``metrics["error"]`` (the learner drops them; the failures are logged at error level).
 
+What the env did is recorded on the trajectory as it happens: one `StepRecord` per turn with
+the action text, the tool calls and their results (`ToolCallRecord`, normalised from the env's
+``info["tool_results"]`` by `alp_agents.rollout.trajectory.tool_call_record`, the one place that
+knows PythonToolEnv's and ToolEnv's keys), the observation messages and the final grade. Readers
+(evaluation's sample records, `alp_agents.rollout.stats.episode_stats`) take it from there.
+
 Example::
 
     >>> from alp_agents import HFEngine, SamplingParams, run_episodes, load_tokenizer
@@ -218,7 +224,9 @@ def run_episodes(
         max_observation_tokens: per observation message, in policy tokens (None: the env's
             ``max_observation_tokens`` attribute if it has one, else unlimited).
         progress: show a tqdm bar with the running mean reward.
-        seed: makes env resets and sampling reproducible (None: random).
+        seed: makes env resets (episode ``i`` resets with ``seed + i``) and sampling
+            reproducible (None: random); round ``r``'s sampling seed is
+            ``derive_seed("rollout-sampling", seed, r)``.
         stats: if given, filled with timings and counts (``generate_s``, ``env_s``,
             ``total_s``, ``rounds``, ``generated_tokens``; ``deferred_stops``: env stop strings
             the engine sampled through because the turn was not complete; ``continuations``:

@@ -73,7 +73,9 @@ class RecordingEngine:
     calls: list[tuple[list[int], Any]] = field(default_factory=list)
     rounds: int = 0
 
-    def generate(self, prompts, sampling):
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
         self.rounds += 1
         samples = self.engine.generate(prompts, sampling)
         for prompt, sample in zip(prompts, samples, strict=True):
@@ -126,12 +128,10 @@ class IgnoresStopCondition:
 
     engine: Any
 
-    def generate(self, prompts, sampling):
-        if isinstance(sampling, list | tuple):
-            sampling = [p.replace(stop_condition=None) for p in sampling]
-        else:
-            sampling = sampling.replace(stop_condition=None)
-        return self.engine.generate(prompts, sampling)
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
+        return self.engine.generate(prompts, [p.replace(stop_condition=None) for p in sampling])
 
     def update_weights(self, model_or_state_dict):
         self.engine.update_weights(model_or_state_dict)
