@@ -4,7 +4,7 @@
 Examples::
 
     # the default model, 50 GSM8K test problems, 4 samples each (a few minutes on CPU)
-    python train/evaluate.py --dataset gsm8k_test --limit 50 --k 4
+    python train/evaluate.py --dataset gsm8k_test --num-problems 50 --k 4
 
     # the procedural held-out split, a trained checkpoint, a YAML config plus overrides
     python train/evaluate.py --config train/configs/eval_quick.yaml \\
@@ -14,7 +14,10 @@ Examples::
     python train/evaluate.py --dataset aime24 --n 32 --k 1 --max-turns 10
 
 Every field of `alp_agents.evaluation.EvalConfig` is an option (``--help`` lists them; dashes
-and underscores are interchangeable: ``--max-turns`` = ``--max_turns``). Results go to
+and underscores are interchangeable: ``--max-turns`` = ``--max_turns``). The environment is
+``env.id`` / ``env.kwargs.NAME`` as in training configs; the older ``--limit``, ``--env ID`` and
+``env_kwargs.NAME`` still work with a deprecation warning (``num_problems``, ``env.id``,
+``env.kwargs``). Results go to
 ``--run-dir`` (default ``runs/eval/<model>-<dataset>-n<n>-seed<seed>``): ``report.md``,
 ``report.json``, ``samples.jsonl`` and ``pass_at_k.png``. Running the same command again
 resumes an interrupted evaluation without redoing finished samples.

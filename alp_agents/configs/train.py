@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from alp_agents.configs.eval import EvalSampling
+
 if TYPE_CHECKING:
     from alp_agents.learner.objectives import PolicyLossConfig
 
@@ -143,14 +145,10 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Held-out evaluation (alp_agents.evaluation.runner), before/after training and every N steps."""
+class TrainEvalConfig(EvalSampling):
+    """Held-out evaluation during training: what to sample (`EvalSampling`, the same fields and
+    defaults as ``train/evaluate.py``) and when: before, after, and every N steps."""
 
-    num_problems: int = 32  # first N held-out problems (0: no evaluation)
-    k: int = 2  # samples per problem (avg@k, pass@k)
-    temperature: float = 1.0  # the training distribution (greedy already solves most arith)
-    top_p: float = 1.0
-    max_tokens: int | None = None  # default: rollout.max_tokens
     every: int = 0  # steps between evaluations during training (0: only before/after)
     before: bool = True
     after: bool = True
@@ -168,7 +166,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     steps: int = 8
     seed: int = 0
     max_nonfinite_in_row: int = 3  # stop after this many consecutive skipped updates
@@ -272,6 +270,10 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.env.id not in registered:
         raise bad("env.id", cfg.env.id, registered)
     checks = [("dataset", cfg.env.dataset, "train_split", cfg.env.train_split)]
+    if cfg.eval.num_problems is None or cfg.eval.num_problems < 0:
+        raise bad(
+            "eval.num_problems", cfg.eval.num_problems, "must be a number >= 0 (0: no evaluation)"
+        )
     if cfg.eval.num_problems > 0:
         field_name = "eval_dataset" if cfg.env.eval_dataset else "dataset"
         checks.append((field_name, eval_dataset(cfg), "eval_split", cfg.env.eval_split))

@@ -279,8 +279,14 @@ def episode_statistics(records: Sequence[dict]) -> dict[str, float]:
 
     * ``turns_per_episode``, ``tool_calls_per_episode``, ``response_tokens_per_episode``: means;
     * ``tool_use_rate``: fraction of episodes with at least one tool call;
-    * ``tool_error_rate``: failed tool calls / tool calls (NaN when there were none);
+    * ``tool_error_rate``: failed tool calls (result status not ``ok``) / tool calls (NaN when
+      there were none);
     * ``void_turn_rate``: void turns (neither code nor answer) / turns;
+    * ``void_episode_rate``: episodes with at least one void turn / episodes;
+
+    The same definitions as training's ``env/tool_error_ratio``, ``env/void_turn_ratio`` and
+    ``env/void_episode_ratio`` (`alp_agents.rollout.stats.episode_stats`), except that an
+    undefined ratio is NaN here (a report says n/a) and 0.0 in a training log (plots need numbers).
     * ``unverifiable_rate``: fraction of samples whose grade could not be decided;
     * ``finish_reason/<reason>``: fraction of episodes that ended that way.
     """
@@ -295,6 +301,7 @@ def episode_statistics(records: Sequence[dict]) -> dict[str, float]:
         "tool_use_rate": sum(r.get("num_tool_calls", 0) > 0 for r in records) / count,
         "tool_error_rate": _ratio(sum(r.get("num_tool_errors", 0) for r in records), calls),
         "void_turn_rate": _ratio(sum(r.get("num_void_turns", 0) for r in records), turns),
+        "void_episode_rate": sum(r.get("num_void_turns", 0) > 0 for r in records) / count,
         "response_tokens_per_episode": sum(r.get("response_tokens", 0) for r in records) / count,
         "unverifiable_rate": sum(r["grade"] == UNVERIFIABLE for r in records) / count,
     }

@@ -33,6 +33,12 @@ a budget still goes to the env, so an answer in it is graded, and the episode's
 exceptions become ``sandbox_error`` episodes with an ``unverifiable`` grade and the traceback in
 ``metrics["error"]`` (the learner drops them; the failures are logged at error level).
 
+What the env did is recorded on the trajectory as it happens: one `StepRecord` per turn with
+the action text, the tool calls and their results (`ToolCallRecord`, normalised from the env's
+``info["tool_results"]`` by `alp_agents.rollout.trajectory.tool_call_record`, the one place that
+knows PythonToolEnv's and ToolEnv's keys), the observation messages and the final grade. Readers
+(evaluation's sample records, `alp_agents.rollout.stats.episode_stats`) take it from there.
+
 Example::
 
     >>> from alp_agents import HFEngine, SamplingParams, run_episodes, load_tokenizer
@@ -57,9 +63,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from alp_agents.common.seeding import derive_seed
+from alp_agents.reporting.console import progress_bar
 from alp_agents.rollout.chat import ChatDelta
 from alp_agents.rollout.engines.base import InferenceEngine, Sample, SamplingParams
-from alp_agents.rollout.trajectory import Trajectory
+from alp_agents.rollout.trajectory import StepRecord, Trajectory, grade_record, tool_call_record
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,7 @@ class _Episode:
     num_tool_calls: int = 0
     num_void_turns: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
 
     @property
     def context(self) -> list[int]:
@@ -121,6 +130,7 @@ class _Episode:
             problem_id=self.problem_id,
             messages=self.messages,
             metrics=self.metrics,
+            steps=self.steps,
         )
 
 
@@ -159,18 +169,14 @@ def truncate_observation(tokenizer: Any, content: str, budget: int | None) -> tu
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+    """The rollout's progress bar: episodes done, with the running mean reward."""
 
-            self.bar = tqdm(total=total, desc="rollout", unit="ep", dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = progress_bar(total, desc="rollout", unit="ep", enabled=enabled)
         self.rewards: list[float] = []
 
     def update(self, finished: list[_Episode], live: int, round_: int, tokens_per_s: float) -> None:
         self.rewards.extend(ep.reward for ep in finished)
-        if self.bar is None:
-            return
         self.bar.update(len(finished))
         mean = sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
         self.bar.set_postfix(
@@ -178,8 +184,7 @@ class _Progress:
         )
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def run_episodes(
@@ -219,7 +224,9 @@ def run_episodes(
         max_observation_tokens: per observation message, in policy tokens (None: the env's
             ``max_observation_tokens`` attribute if it has one, else unlimited).
         progress: show a tqdm bar with the running mean reward.
-        seed: makes env resets and sampling reproducible (None: random).
+        seed: makes env resets (episode ``i`` resets with ``seed + i``) and sampling
+            reproducible (None: random); round ``r``'s sampling seed is
+            ``derive_seed("rollout-sampling", seed, r)``.
         stats: if given, filled with timings and counts (``generate_s``, ``env_s``,
             ``total_s``, ``rounds``, ``generated_tokens``; ``deferred_stops``: env stop strings
             the engine sampled through because the turn was not complete; ``continuations``:
@@ -287,7 +294,7 @@ def run_episodes(
                     max_tokens=_turn_budget(ep, sampling, max_context_tokens),
                     stop=list(dict.fromkeys([*sampling.stop, *ep.stops])),
                     stop_token_ids=_stop_token_ids(ep, sampling),
-                    seed=None if seed is None else seed * 1_000_003 + timing["rounds"],
+                    seed=_round_seed(seed, timing["rounds"]),
                     stop_condition=_TurnComplete.for_episode(ep, sampling.stop, tokenizer),
                 )
                 for ep in live
@@ -345,6 +352,11 @@ def run_episodes(
 
 
 # ---------------------------------------------------------------------------- per-episode steps
+
+
+def _round_seed(seed: int | None, round_: int) -> int | None:
+    """The sampling seed of one generate round (31 bits: every engine's RNG accepts it)."""
+    return None if seed is None else derive_seed("rollout-sampling", seed, round_, bits=31)
 
 
 def _start_episode(
@@ -506,14 +518,25 @@ def _apply_step(
         log.warning("episode %d (%s): env.step raised %s", ep.index, ep.problem_id, payload)
         ep.metrics["error"] = payload
         ep.finish_reason, ep.grade_status, ep.reward = "sandbox_error", "unverifiable", 0.0
+        ep.steps.append(
+            StepRecord(turn=ep.turn, action=text, finish_reason="sandbox_error", error=payload)
+        )
         return
     _, reward, _, _, info = payload
+    step = StepRecord(
+        turn=ep.turn,
+        action=text,
+        tool_calls=[tool_call_record(r) for r in info.get("tool_results") or []],
+        finish_reason=info.get("finish_reason"),
+    )
+    ep.steps.append(step)
     ep.reward = float(reward)
     ep.num_tool_calls = int(info.get("tool_calls", ep.num_tool_calls) or 0)
     grade = info.get("grade")
     if grade is not None:
-        ep.grade_status = grade.status
-        ep.metrics["grade_detail"] = getattr(grade, "detail", "")
+        step.grade = grade_record(grade)
+        ep.grade_status = step.grade.status
+        ep.metrics["grade_detail"] = step.grade.detail
     env_finish = info.get("finish_reason")
     if env_finish is not None:
         ep.metrics["env_finish_reason"] = env_finish
@@ -533,6 +556,7 @@ def _apply_step(
         content, dropped = truncate_observation(tokenizer, str(message.get("content", "")), budget)
         ep.metrics["observation_tokens_dropped"] += dropped
         new_messages.append({**message, "content": content})
+    step.observation = [dict(m) for m in new_messages]
     ep.messages.extend(new_messages)
     observation = ep.delta.observation_ids(new_messages)
     if len(ep.context) + len(observation) + len(ep.delta.closing_ids) + 1 > max_context_tokens:

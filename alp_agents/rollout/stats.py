@@ -1,28 +1,43 @@
-"""Statistics of a batch of trajectories (reward, turns, tool use, finish reasons)."""
+"""Statistics of a batch of trajectories (reward, turns, tool use, finish reasons).
+
+The void and tool-error statistics have one definition each, shared with evaluation's report
+(`alp_agents.evaluation.metrics.summarize`: ``void_turn_rate``, ``void_episode_rate``,
+``tool_error_rate`` are the same ratios over the evaluation's episodes):
+
+* ``env/void_turn_ratio``: void turns / turns (a void turn holds neither code nor an answer);
+* ``env/void_episode_ratio``: episodes with at least one void turn / episodes (the share of
+  episodes the learner masks out of the loss);
+* ``env/tool_error_ratio``: failed tool calls / tool calls, where a call failed when its result
+  status is not ``ok`` (an exception, a timeout, a resource limit, a malformed call); 0.0 when
+  no tool was called.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+
+from alp_agents.rollout.trajectory import Trajectory
 
 
-def episode_stats(trajs: Sequence[Any]) -> dict[str, float]:
-    """Environment statistics of ALP_SPEC section 4 over a list of trajectories."""
-    n = max(1, len(trajs))
-    out: dict[str, float] = {}
+def episode_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    """Environment statistics over a batch of trajectories (see the module docstring)."""
     if not trajs:
-        return out
+        return {}
+    n = len(trajs)
+    out: dict[str, float] = {}
     out["reward/mean"] = sum(float(t.reward) for t in trajs) / n
-    out["env/turns_mean"] = sum(int(t.num_turns) for t in trajs) / n
-    out["env/tool_calls_mean"] = sum(int(t.num_tool_calls) for t in trajs) / n
-    out["env/code_use_ratio"] = sum(int(t.num_tool_calls) > 0 for t in trajs) / n
-    out["env/void_turn_ratio"] = sum(int(t.num_void_turns) > 0 for t in trajs) / n
-    out["env/response_tokens_mean"] = sum(int(sum(t.loss_mask)) for t in trajs) / n
+    out["env/turns_mean"] = sum(t.num_turns for t in trajs) / n
+    out["env/tool_calls_mean"] = sum(t.num_tool_calls for t in trajs) / n
+    out["env/code_use_ratio"] = sum(t.num_tool_calls > 0 for t in trajs) / n
+    turns = sum(t.num_turns for t in trajs)
+    out["env/void_turn_ratio"] = sum(t.num_void_turns for t in trajs) / turns if turns else 0.0
+    out["env/void_episode_ratio"] = sum(t.num_void_turns > 0 for t in trajs) / n
+    out["env/response_tokens_mean"] = sum(t.num_generated_tokens for t in trajs) / n
     out["env/episode_tokens_mean"] = sum(len(t.response_ids) for t in trajs) / n
-    tool_errors = sum(int(getattr(t, "num_tool_errors", 0) or 0) for t in trajs)
-    calls = sum(int(t.num_tool_calls) for t in trajs)
-    out["env/tool_error_ratio"] = tool_errors / calls if calls else 0.0
-    for reason, count in Counter(str(t.finish_reason) for t in trajs).items():
+    calls = sum(t.num_tool_calls for t in trajs)
+    errors = sum(t.num_tool_errors for t in trajs)
+    out["env/tool_error_ratio"] = errors / calls if calls else 0.0
+    for reason, count in Counter(t.finish_reason for t in trajs).items():
         out[f"finish/{reason}"] = count / n
     return out

@@ -16,6 +16,13 @@ turn, the tokens the model sampled (``loss_mask`` 1) with template and observati
 So the context the engine saw at turn ``k`` is ``prompt_ids + response_ids[:turn_start(k)]``
 (`Trajectory.context_at_turn`): nothing is ever decoded and re-tokenised.
 
+Besides tokens, a trajectory keeps what happened in each env step as typed records
+(``steps``: one `StepRecord` per assistant turn with the action text, the tool calls and their
+results as `ToolCallRecord`, the observation messages and, on the last step, the `GradeRecord`).
+The rollout fills them from ``env.step``'s info in one place (`step_record_from_info`), so that
+evaluation, the learner's statistics and a human reading a JSONL file all read the same typed
+data, and nothing needs to wrap an env to see its infos.
+
 `collate` pads a batch to tensors for the learner and `save_jsonl` / `load_jsonl` store batches
 losslessly for inspection, replay and debugging.
 
@@ -59,6 +66,120 @@ class TrajectoryError(ValueError):
     """A trajectory breaks an invariant; the message names the invariant and the position."""
 
 
+# ---------------------------------------------------------------------------- step records
+
+
+@dataclass
+class ToolCallRecord:
+    """One tool call of a turn and its result, the same for every environment.
+
+    PythonToolEnv reports ``code``, ``stdout``, ``stderr`` and a sandbox ``status`` (``ok``,
+    ``error``, ``timeout``, ``memory``, ``output_limit``, ``killed``, ``sandbox_error``);
+    ToolEnv reports ``arguments`` and ``output`` or ``error`` with status ``ok`` / ``error``.
+    `step_record_from_info` maps both onto these fields; a field an env does not report is None.
+
+    Attributes:
+        name: the tool (``"python"`` for PythonToolEnv).
+        status: ``"ok"``, or why the call failed (any other value is a failure).
+        code: the code that ran (PythonToolEnv).
+        arguments: the parsed JSON arguments (ToolEnv).
+        output: what the tool returned (stdout; a ToolEnv tool's formatted result).
+        error: what went wrong (stderr; a ToolEnv error message).
+        observation: the text the model was shown for this call.
+    """
+
+    name: str
+    status: str
+    code: str | None = None
+    arguments: dict[str, Any] | None = None
+    output: str | None = None
+    error: str | None = None
+    observation: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The call did not succeed (an exception, a timeout, a limit, a malformed call)."""
+        return self.status != "ok"
+
+
+@dataclass
+class GradeRecord:
+    """How the episode's answer was graded (the env's `envs.Grade`, as plain data)."""
+
+    status: str
+    extracted: str | None = None
+    reference: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class StepRecord:
+    """One assistant turn as the environment saw it.
+
+    Attributes:
+        turn: 0-based turn index (the ``turn_index`` of the turn's tokens).
+        action: the decoded text given to ``env.step``.
+        tool_calls: the calls the env ran for this action, in order.
+        observation: the messages appended after the turn (after observation truncation);
+            empty when the episode ended here.
+        finish_reason: the env's verdict when the episode ended at this step, else None.
+        grade: the grade, on the step that ended a graded episode.
+        error: the traceback when ``env.step`` raised (a ``sandbox_error`` episode).
+    """
+
+    turn: int
+    action: str
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    observation: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    grade: GradeRecord | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
+        values = dict(data)
+        values["tool_calls"] = [ToolCallRecord(**c) for c in values.get("tool_calls") or []]
+        if values.get("grade") is not None:
+            values["grade"] = GradeRecord(**values["grade"])
+        return cls(**values)
+
+
+def tool_call_record(result: dict[str, Any]) -> ToolCallRecord:
+    """Normalise one entry of an env's ``info["tool_results"]`` (PythonToolEnv or ToolEnv).
+
+    This is the only place that knows the envs' result keys: PythonToolEnv's sandbox result
+    (``code``, ``stdout``, ``stderr``, ``observation``, a sandbox status) and ToolEnv's
+    (``arguments``, ``output`` or ``error``, status ``ok`` / ``error``).
+    """
+    status = str(result.get("status") or "error")
+    output = result.get("stdout", result.get("output"))
+    error = result.get("stderr", result.get("error"))
+    observation = result.get("observation")
+    if observation is None and "arguments" in result:  # ToolEnv shows output or the error
+        observation = f"Error: {error}" if status == "error" else output
+    arguments = result.get("arguments")
+    return ToolCallRecord(
+        name=str(result.get("name") or "tool"),
+        status=status,
+        code=result.get("code"),
+        arguments=dict(arguments) if isinstance(arguments, dict) else None,
+        output=None if output is None else str(output),
+        error=None if error in (None, "") else str(error),
+        observation=None if observation is None else str(observation),
+    )
+
+
+def grade_record(grade: Any) -> GradeRecord:
+    """An `envs.Grade` (status, extracted, reference, detail) as a `GradeRecord`."""
+    reference = getattr(grade, "reference", None)
+    return GradeRecord(
+        status=str(grade.status),
+        extracted=grade.extracted,
+        reference=None if reference is None else str(reference),
+        detail=str(grade.detail or ""),
+    )
+
+
 @dataclass
 class Trajectory:
     """One episode, token-exact. See the module docstring for the meaning of every field."""
@@ -78,8 +199,25 @@ class Trajectory:
     problem_id: str = ""
     messages: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
+    """One record per env step (empty for trajectories saved before step records existed)."""
 
     # ------------------------------------------------------------------ derived views
+    @property
+    def num_tool_errors(self) -> int:
+        """Tool calls whose result was a failure (exception, timeout, limit, malformed call)."""
+        return sum(call.failed for step in self.steps for call in step.tool_calls)
+
+    @property
+    def grade(self) -> GradeRecord | None:
+        """The grade with its details (extracted answer, detail); None if never graded."""
+        return next((s.grade for s in reversed(self.steps) if s.grade is not None), None)
+
+    @property
+    def tool_calls(self) -> list[ToolCallRecord]:
+        """Every tool call of the episode, in order."""
+        return [call for step in self.steps for call in step.tool_calls]
+
     @property
     def is_infra_failure(self) -> bool:
         """Our infrastructure failed (sandbox error or a grade that could not be verified).
@@ -164,6 +302,11 @@ class Trajectory:
         if self.finish_reason == "void_turn" and self.num_void_turns == 0:
             fail("void finish counted", "finish_reason void_turn but num_void_turns=0")
         self._validate_turn_structure(fail)
+        if self.steps:
+            if [s.turn for s in self.steps] != list(range(len(self.steps))):
+                fail("steps numbered 0, 1, ...", f"turns {[s.turn for s in self.steps]}")
+            if len(self.steps) != self.num_turns:
+                fail("one step per turn", f"{len(self.steps)} steps, num_turns={self.num_turns}")
 
     def _validate_turn_structure(self, fail: Any) -> None:
         """Turns are numbered 0, 1, ... contiguously; each is its sampled tokens (mask 1, at
@@ -217,6 +360,10 @@ class Trajectory:
         missing = [name for name in required if name not in data]
         if missing:
             raise TrajectoryError(f"{where}: missing field(s) {missing}")
+        try:
+            data["steps"] = [StepRecord.from_dict(step) for step in data.get("steps") or []]
+        except (TypeError, AttributeError) as exc:
+            raise TrajectoryError(f"{where}: malformed step records: {exc}") from exc
         return cls(**data)
 
 
@@ -231,27 +378,30 @@ def save_jsonl(path: str | os.PathLike[str], trajectories: Iterable[Trajectory])
 
 
 def load_jsonl(path: str | os.PathLike[str], *, validate: bool = True) -> list[Trajectory]:
-    """Read `save_jsonl` output; errors name the file and line (and the broken field)."""
+    """Read `save_jsonl` output; errors name the file and line (and the broken field).
+
+    The project's one JSONL policy (`alp_agents.common.read_jsonl`): a cut-off last line (a
+    write interrupted mid-line) is dropped with a warning; a bad line anywhere else raises.
+    """
+    from alp_agents.common.jsonl import read_jsonl
+
     path = Path(path)
+    try:
+        rows = read_jsonl(path)
+    except ValueError as exc:
+        raise TrajectoryError(str(exc)) from exc
+    numbers = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+               if line.strip()]  # fmt: skip
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    for lineno, data in zip(numbers, rows, strict=False):
+        where = f"{path}:{lineno}"
+        traj = Trajectory.from_dict(data, where=where)
+        if validate:
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrajectoryError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(data, dict):
-                raise TrajectoryError(f"{where}: expected a JSON object, got {type(data).__name__}")
-            traj = Trajectory.from_dict(data, where=where)
-            if validate:
-                try:
-                    traj.validate()
-                except TrajectoryError as exc:
-                    raise TrajectoryError(f"{where}: {exc}") from exc
-            out.append(traj)
+                traj.validate()
+            except TrajectoryError as exc:
+                raise TrajectoryError(f"{where}: {exc}") from exc
+        out.append(traj)
     return out
 
 

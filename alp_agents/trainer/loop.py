@@ -261,27 +261,19 @@ class ALPTrainer:
 
     def _make_engine(self) -> Any:
         """The rollout engine, built from the unperturbed weights (before any hook exists)."""
-        from alp_agents.models.precision import resolve_engine_precision
-        from alp_agents.rollout import engines
+        from alp_agents.rollout.engines import build_engine, describe_engine
 
         r = self.cfg.rollout
-        dtype, round_to = resolve_engine_precision(r.engine_dtype, self.device)
-        if r.engine == "hf":
-            kwargs = {"device": self.device, "round_weights_to": round_to, **r.engine_kwargs}
-            rounded = kwargs["round_weights_to"]
-            self._say(
-                f"engine: HFEngine {dtype}"
-                + (f" with {rounded}-rounded weights" if rounded else "")
-                + f"; trainer: {self.cfg.model.dtype}, autocast {self.autocast}"
-            )
-            return engines.HFEngine(self._unwrapped(), self.tokenizer, dtype=dtype, **kwargs)
-        return engines.VLLMEngine(
-            self.cfg.model.name,
-            self.tokenizer,
-            dtype=r.engine_dtype if r.engine_dtype != "auto" else "bfloat16",
-            seed=self.cfg.seed,
-            **r.engine_kwargs,
+        engine = build_engine(
+            r.engine, self._unwrapped(), self.tokenizer, dtype=r.engine_dtype,
+            device=self.device, training=True, seed=self.cfg.seed,
+            model_name=self.cfg.model.name, **r.engine_kwargs,
+        )  # fmt: skip
+        self._say(
+            f"engine: {describe_engine(engine)}; trainer: {self.cfg.model.dtype}, "
+            f"autocast {self.autocast}"
         )
+        return engine
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the model's parameters, and sigma in its own group (``name="sigma"``)."""

@@ -39,7 +39,9 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_tiny_checkpoint_end_to_end_reports_and_reproducibility(tiny_checkpoint, tmp_path):
-    a = evaluate(model=str(tiny_checkpoint), limit=3, k=2, seed=7, run_dir=tmp_path / "a", **TINY)
+    a = evaluate(
+        model=str(tiny_checkpoint), num_problems=3, k=2, seed=7, run_dir=tmp_path / "a", **TINY
+    )
     assert set(a.files) == {"samples", "config", "report_json", "report_md", "pass_at_k_png"}
     assert all(p.is_file() for p in a.files.values())
     records = _lines(a.files["samples"])
@@ -63,10 +65,14 @@ def test_tiny_checkpoint_end_to_end_reports_and_reproducibility(tiny_checkpoint,
     assert report["metrics"]["num_samples"] == 6
 
     # Same seed, fresh folder: the very same samples. Another seed: other samples.
-    b = evaluate(model=str(tiny_checkpoint), limit=3, k=2, seed=7, run_dir=tmp_path / "b", **TINY)
+    b = evaluate(
+        model=str(tiny_checkpoint), num_problems=3, k=2, seed=7, run_dir=tmp_path / "b", **TINY
+    )
     assert _lines(b.files["samples"]) == records
     assert b.summary == a.summary
-    c = evaluate(model=str(tiny_checkpoint), limit=3, k=2, seed=8, run_dir=tmp_path / "c", **TINY)
+    c = evaluate(
+        model=str(tiny_checkpoint), num_problems=3, k=2, seed=8, run_dir=tmp_path / "c", **TINY
+    )
     assert [r["transcript"] for r in _lines(c.files["samples"])] != [
         r["transcript"] for r in records
     ]
@@ -75,14 +81,14 @@ def test_tiny_checkpoint_end_to_end_reports_and_reproducibility(tiny_checkpoint,
 def test_resume_skips_finished_samples(tiny_checkpoint, tmp_path):
     run_dir = tmp_path / "run"
     kwargs = {"model": str(tiny_checkpoint), "k": 2, "seed": 3, "run_dir": run_dir, **TINY}
-    evaluate(limit=2, **kwargs)
+    evaluate(num_problems=2, **kwargs)
     samples = run_dir / "samples.jsonl"
     lines = samples.read_text().splitlines()
     assert len(lines) == 4
     # Simulate a crash: problem 0 finished, problem 1 has one sample and a torn second line.
     samples.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
 
-    resumed = evaluate(limit=3, **kwargs)  # also extends the run by one problem
+    resumed = evaluate(num_problems=3, **kwargs)  # also extends the run by one problem
     assert resumed.resumed_samples == 3
     after = samples.read_text().splitlines()
     assert after[:3] == lines[:3]  # finished samples kept verbatim, not redone
@@ -91,15 +97,15 @@ def test_resume_skips_finished_samples(tiny_checkpoint, tmp_path):
     assert resumed.summary["num_samples"] == 6
 
     # Everything done: nothing is generated, the report is rebuilt from the file.
-    again = evaluate(limit=3, **kwargs)
+    again = evaluate(num_problems=3, **kwargs)
     assert again.resumed_samples == 6
     assert again.summary == resumed.summary
     assert samples.read_text().splitlines() == after
 
     # Different sampling settings must not be mixed into the same folder.
     with pytest.raises(EvaluationError, match=r"different evaluation.*temperature: 1.0 -> 0.5"):
-        evaluate(limit=3, temperature=0.5, **kwargs)
-    fresh = evaluate(limit=1, temperature=0.5, overwrite=True, **kwargs)
+        evaluate(num_problems=3, temperature=0.5, **kwargs)
+    fresh = evaluate(num_problems=1, temperature=0.5, overwrite=True, **kwargs)
     assert fresh.resumed_samples == 0 and len(samples.read_text().splitlines()) == 2
 
 
@@ -128,7 +134,7 @@ def test_evaluate_with_engine_for_the_trainer(tiny_checkpoint):
 
 
 def test_contamination_guard_warns_on_overlap(tiny_checkpoint, tmp_path):
-    kwargs = dict(TINY, split="train", limit=1, k=1, run_dir=tmp_path / "r")
+    kwargs = dict(TINY, split="train", num_problems=1, k=1, run_dir=tmp_path / "r")
     with pytest.warns(UserWarning, match=r"contamination: 1/1 test problems"):
         evaluate(model=str(tiny_checkpoint), train_dataset="arith", train_split="train", **kwargs)
 
@@ -140,7 +146,7 @@ def test_contamination_guard_warns_on_overlap(tiny_checkpoint, tmp_path):
         ({"dataset": "gsm8k_tset"}, r"cannot load dataset 'gsm8k_tset'.*gsm8k_test"),
         ({"dataset": "missing/file.jsonl"}, r"problem file not found"),
         ({"k": 4, "n": 2}, r"k=4 is larger than n=2"),
-        ({"limit": 0}, r"limit must be a positive"),
+        ({"num_problems": 0}, r"num_problems must be a positive"),
         ({"engine": "tensorrt"}, r"engine must be one of auto, hf, vllm"),
         ({"sandbox": "firejail"}, r"sandbox must be one of local, docker"),
         ({"model": "no-such-model"}, r"no-such-model"),
@@ -175,7 +181,7 @@ def test_cli_reports_bad_input_and_unknown_keys(tmp_path):
 def test_smollm2_on_the_arith_test_split(tmp_path):
     """The real default model: it writes Python for multiplications, so tools get used."""
     report = evaluate(
-        dataset="arith", split="test", limit=3, k=2, max_turns=3, max_tokens=192,
+        dataset="arith", split="test", num_problems=3, k=2, max_turns=3, max_tokens=192,
         run_dir=tmp_path / "r", progress=False,
     )  # fmt: skip
     s = report.summary
@@ -199,7 +205,12 @@ def test_vllm_engine_choice(tiny_checkpoint, tmp_path):
         if not torch.cuda.is_available():
             pytest.skip("vllm is installed but there is no GPU for it here")
         report = evaluate(
-            model=str(tiny_checkpoint), engine="vllm", limit=2, k=2, run_dir=tmp_path / "v", **TINY
+            model=str(tiny_checkpoint),
+            engine="vllm",
+            num_problems=2,
+            k=2,
+            run_dir=tmp_path / "v",
+            **TINY,
         )
         assert report.summary["num_samples"] == 4
         return
@@ -221,3 +232,36 @@ def test_docstring_examples():
     for module in (alp_agents.evaluation.metrics, alp_agents.evaluation.runner, script):
         failures, tried = doctest.testmod(module)
         assert failures == 0, module.__name__
+
+
+def test_tool_results_come_from_the_trajectory_records(tiny_checkpoint):
+    """A scripted policy on the real env: records hold what the env reported, via the trajectory."""
+    import envs
+    from alp_agents.models import load_tokenizer
+
+    from ..rollout.rollout_helpers import SCRIPTS, ProtocolEngine
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    problems = envs.load_dataset("arith", split="train")[:2]
+    engine = ProtocolEngine(tokenizer, [list(s) for s in SCRIPTS])
+    from alp_agents.rollout.engines import SamplingParams
+
+    result = evaluate_with_engine(
+        engine, tokenizer, "alp/PythonTool-v0", problems, k=1,
+        sampling=SamplingParams(max_tokens=64), seed=0, progress=False,
+        env_kwargs={"dataset": "arith", "split": "train", "max_turns": 4},
+    )  # fmt: skip
+    worked, void = result.records
+    assert [t["status"] for t in worked["tool_results"]] == ["error", "ok"]
+    assert [t["turn"] for t in worked["tool_results"]] == [1, 2]
+    assert worked["tool_results"][0]["code"] == "print(1 / 0)"
+    assert "ZeroDivisionError" in worked["tool_results"][0]["stderr"]
+    assert worked["tool_results"][1]["stdout"].strip() == "4"
+    assert worked["extracted_answer"] == "4" and worked["grade_detail"]
+    assert (worked["num_tool_calls"], worked["num_tool_errors"]) == (2, 1)
+    assert worked["prompt"][-1]["content"].endswith(worked["question"])
+    assert void["finish_reason"] == "void_turn" and void["tool_results"] == []
+    s = result.summary
+    assert s["tool_error_rate"] == pytest.approx(1 / 2)
+    assert s["void_turn_rate"] == pytest.approx(1 / 4)
+    assert s["void_episode_rate"] == pytest.approx(1 / 2)

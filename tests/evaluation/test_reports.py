@@ -56,5 +56,5 @@ def test_load_records_drops_a_torn_last_line_and_repairs_the_file(tmp_path):
     assert [r["sample_index"] for r in records] == [0, 1]
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
     path.write_text(good[0] + "\n{oops\n" + good[1] + "\n")
-    with pytest.raises(EvaluationError, match=r"samples.jsonl:2: not valid JSON"):
+    with pytest.raises(EvaluationError, match=r"samples.jsonl:2: not a JSON object"):
         load_records(path)

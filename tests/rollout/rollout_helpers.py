@@ -1,12 +1,15 @@
-"""Test helpers: three chat templates, an engine wrapper that records its calls, an engine wrapper
+"""Test helpers: three chat templates, a scripted engine written only to the protocol, an engine wrapper that records its calls, an engine wrapper
 that ignores ``stop_condition`` (an engine without the feature), and a logits bias that forces
 a policy's next tokens (a degenerate policy on a real model)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from alp_agents.rollout.engines import Sample, SamplingParams
 
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
@@ -70,7 +73,9 @@ class RecordingEngine:
     calls: list[tuple[list[int], Any]] = field(default_factory=list)
     rounds: int = 0
 
-    def generate(self, prompts, sampling):
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
         self.rounds += 1
         samples = self.engine.generate(prompts, sampling)
         for prompt, sample in zip(prompts, samples, strict=True):
@@ -123,12 +128,10 @@ class IgnoresStopCondition:
 
     engine: Any
 
-    def generate(self, prompts, sampling):
-        if isinstance(sampling, list | tuple):
-            sampling = [p.replace(stop_condition=None) for p in sampling]
-        else:
-            sampling = sampling.replace(stop_condition=None)
-        return self.engine.generate(prompts, sampling)
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
+        return self.engine.generate(prompts, [p.replace(stop_condition=None) for p in sampling])
 
     def update_weights(self, model_or_state_dict):
         self.engine.update_weights(model_or_state_dict)
@@ -181,3 +184,50 @@ def scripted(script: list[int], start: int):
         return torch.where(inside, table[k.clamp(0, len(script) - 1)], -1)
 
     return choose
+
+
+# A scripted policy for PythonToolEnv: known tool failures, a void turn, a graded answer.
+FAILING_CODE = "Let me compute.\n```python\nprint(1 / 0)\n```\n"
+WORKING_CODE = "```python\nprint(2 + 2)\n```\n"
+ANSWER = "The answer is \\boxed{4}."
+VOID = "I am not sure what to do."
+
+SCRIPTS = [
+    [FAILING_CODE, WORKING_CODE, ANSWER],  # episode 0: one failing and one working call, answer
+    [VOID],  # episode 1: a void turn ends it
+]
+
+
+class ProtocolEngine:
+    """Replays ``scripts[i]`` turn by turn for the i-th episode of the first call.
+
+    Only what the protocol documents is used: ``sampling`` is a sequence with one entry per
+    prompt (``sampling[i]``); a single `SamplingParams` would fail here (not subscriptable).
+    """
+
+    def __init__(self, tokenizer: Any, scripts: list[list[str]]) -> None:
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.episodes: list[tuple[list[int], list[str]]] = []  # (initial prompt, turns left)
+        self.seen: list[SamplingParams] = []
+
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
+        assert len(sampling) == len(prompts)
+        if not self.episodes:
+            self.episodes = [(list(p), list(s)) for p, s in zip(prompts, self.scripts, strict=True)]
+        out = []
+        for prompt, params in zip(prompts, sampling, strict=True):
+            self.seen.append(params)
+            _, turns = next(e for e in self.episodes if prompt[: len(e[0])] == e[0])
+            text = turns.pop(0)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens]
+            finish = "stop" if "```python" in text else "eos"
+            if finish == "eos":
+                ids.append(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+            out.append(Sample(ids, [-0.5] * len(ids), finish))
+        return out
+
+    def update_weights(self, model_or_state_dict: Any) -> None:
+        """Scripted: no weights."""

@@ -9,12 +9,40 @@ import pytest
 import torch
 
 from alp_agents.rollout.trajectory import (
+    GradeRecord,
+    StepRecord,
+    ToolCallRecord,
     Trajectory,
     TrajectoryError,
     collate,
     load_jsonl,
     save_jsonl,
+    tool_call_record,
 )
+
+
+def two_steps() -> list[StepRecord]:
+    """The env's side of `two_turn`: a failing python call, then a graded answer."""
+    return [
+        StepRecord(
+            turn=0,
+            action="```python\n1/0\n```\n",
+            tool_calls=[
+                ToolCallRecord(
+                    name="python", status="error", code="1/0", output="",
+                    error="ZeroDivisionError: division by zero",
+                    observation="```output\nZeroDivisionError: division by zero\n```",
+                )
+            ],
+            observation=[{"role": "user", "content": "ZeroDivisionError: division by zero"}],
+        ),
+        StepRecord(
+            turn=1,
+            action="\\boxed{4}",
+            finish_reason="answer",
+            grade=GradeRecord(status="correct", extracted="4", reference="4", detail="exact"),
+        ),
+    ]  # fmt: skip
 
 
 def two_turn(**changes) -> Trajectory:
@@ -106,12 +134,60 @@ def test_jsonl_round_trip_is_lossless(tmp_path):
             infer_logprobs=[-1 / 3, -1e-30, -17.123456789012345, 0, 0, 0, 0, -2.0, -0.1, 0.0],
             messages=[{"role": "user", "content": "ünïcode ```python\nprint(1)\n```"}],
             metrics={"nested": {"a": [1, 2.5, None]}, "flag": True},
+            steps=two_steps(),
         ),
     ]
     path = save_jsonl(tmp_path / "sub" / "trajs.jsonl", trajs)
     loaded = load_jsonl(path)
     assert loaded == trajs
     assert [t.to_dict() for t in loaded] == [t.to_dict() for t in trajs]
+    assert isinstance(loaded[1].steps[0].tool_calls[0], ToolCallRecord)
+    assert loaded[1].num_tool_errors == 1 and loaded[1].grade.extracted == "4"
+
+
+def test_old_jsonl_without_step_records_still_loads(tmp_path):
+    old = two_turn().to_dict()
+    del old["steps"]
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    [loaded] = load_jsonl(path)
+    assert loaded.steps == [] and loaded.num_tool_errors == 0 and loaded.grade is None
+
+
+def test_step_records_are_validated_against_turns():
+    two_turn(steps=two_steps()).validate()
+    with pytest.raises(TrajectoryError, match="one step per turn"):
+        two_turn(steps=two_steps()[:1]).validate()
+    shuffled = two_steps()[::-1]
+    with pytest.raises(TrajectoryError, match="steps numbered"):
+        two_turn(steps=shuffled).validate()
+
+
+def test_tool_results_of_both_envs_become_the_same_record():
+    python = tool_call_record(
+        {"name": "python", "code": "1/0", "observation": "Error", "stdout": "",
+         "stderr": "Traceback...\nZeroDivisionError", "status": "error", "exit_code": 1,
+         "duration_s": 0.01, "truncated": False}
+    )  # fmt: skip
+    assert (python.status, python.code, python.error, python.failed) == (
+        "error",
+        "1/0",
+        "Traceback...\nZeroDivisionError",
+        True,
+    )
+    tool_ok = tool_call_record(
+        {"name": "calc", "arguments": {"x": 1}, "raw": "{}", "status": "ok", "output": "2"}
+    )
+    assert (tool_ok.arguments, tool_ok.output, tool_ok.observation, tool_ok.failed) == (
+        {"x": 1},
+        "2",
+        "2",
+        False,
+    )
+    tool_bad = tool_call_record(
+        {"name": "calc", "arguments": {}, "raw": "{}", "status": "error", "error": "bad"}
+    )
+    assert (tool_bad.error, tool_bad.observation, tool_bad.failed) == ("bad", "Error: bad", True)
 
 
 def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
@@ -125,9 +201,13 @@ def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
     path.write_text(good + "\n\n" + json.dumps(broken) + "\n")
     with pytest.raises(TrajectoryError, match=r"t\.jsonl:3: .*finish_reason known"):
         load_jsonl(path)
-    path.write_text("{not json\n")
-    with pytest.raises(TrajectoryError, match=r"t\.jsonl:1: not valid JSON"):
+    path.write_text("{not json\n" + good + "\n")
+    with pytest.raises(TrajectoryError, match=r"t\.jsonl:1: not a JSON object"):
         load_jsonl(path)
+    # The one JSONL policy: a cut-off last line is an interrupted write, dropped with a warning.
+    path.write_text(good + "\n" + good[:30])
+    with pytest.warns(RuntimeWarning, match=r"t\.jsonl:2: dropped an incomplete last line"):
+        assert len(load_jsonl(path)) == 1
     newer = dict(two_turn().to_dict(), schema_version=99)
     path.write_text(json.dumps(newer) + "\n")
     with pytest.raises(TrajectoryError, match="schema_version 99"):

@@ -113,20 +113,42 @@ class Sample:
 class InferenceEngine(Protocol):
     """Batched sampling from token ids; every engine speaks only token ids.
 
+    The contract is what the agent loop does: ``generate`` gets one `SamplingParams` PER
+    PROMPT (a sequence as long as ``prompts``), because every episode has its own remaining
+    budget, stop strings and ``stop_condition``. An engine written to this signature runs
+    `alp_agents.rollout.run_episodes` as it is. The built-in engines also take a single
+    `SamplingParams` for every prompt as a shorthand for direct calls (`per_request`
+    expands it); callers that must work with any engine pass the sequence.
+
     >>> from alp_agents.rollout.engines import HFEngine, SamplingParams   # doctest: +SKIP
     >>> engine = HFEngine("smollm2-135m-instruct")                # doctest: +SKIP
-    >>> [s] = engine.generate([[1, 4093, 198]], SamplingParams(max_tokens=8))  # doctest: +SKIP
+    >>> [s] = engine.generate([[1, 4093, 198]], [SamplingParams(max_tokens=8)])  # doctest: +SKIP
     >>> len(s.token_ids) == len(s.logprobs)                       # doctest: +SKIP
     True
     """
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
-        """One `Sample` per prompt, in order."""
+    def generate(
+        self, prompts: list[list[int]], sampling: Sequence[SamplingParams]
+    ) -> list[Sample]:
+        """One `Sample` per prompt, in order; ``sampling[i]`` applies to ``prompts[i]``."""
         ...
 
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Copy the trainer's weights into the engine's own copy (no restart)."""
         ...
+
+
+def per_request(
+    sampling: SamplingParams | Sequence[SamplingParams], n: int
+) -> list[SamplingParams]:
+    """One `SamplingParams` per prompt: a sequence is checked against ``n``, a single one is
+    repeated (the built-in engines' shorthand for direct calls)."""
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    per_prompt = list(sampling)
+    if len(per_prompt) != n:
+        raise ValueError(f"{len(per_prompt)} SamplingParams for {n} prompts")
+    return per_prompt
 
 
 def stop_cut(

@@ -41,6 +41,7 @@ from alp_agents.rollout.engines.base import (
     Sample,
     SamplingParams,
     completed_stop,
+    per_request,
     stop_cut,
     stop_window,
 )
@@ -292,11 +293,7 @@ class HFEngine:
     def _per_prompt(
         sampling: SamplingParams | Sequence[SamplingParams], n: int
     ) -> list[SamplingParams]:
-        if isinstance(sampling, SamplingParams):
-            return [sampling] * n
-        per_prompt = list(sampling)
-        if len(per_prompt) != n:
-            raise ValueError(f"{len(per_prompt)} SamplingParams for {n} prompts")
+        per_prompt = per_request(sampling, n)
         first = per_prompt[0]
         for i, p in enumerate(per_prompt):
             for name in ("temperature", "top_p", "top_k", "seed"):

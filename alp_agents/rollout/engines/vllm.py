@@ -45,7 +45,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from alp_agents.rollout.engines.base import Sample, SamplingParams, conditional_stop_cut, stop_cut
+from alp_agents.rollout.engines.base import (
+    Sample,
+    SamplingParams,
+    conditional_stop_cut,
+    per_request,
+    stop_cut,
+)
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -237,11 +243,7 @@ class VLLMEngine:
         """
         if not prompts:
             return []
-        per_prompt = (
-            [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-        )
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        per_prompt = per_request(sampling, len(prompts))
         self.stats["generate_calls"] += 1
         samples = generate_in_two_passes(self._run, prompts, per_prompt, self._decode, self.stats)
         self.stats["generated_tokens"] += sum(len(s.token_ids) for s in samples)
