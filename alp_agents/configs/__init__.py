@@ -2,7 +2,8 @@
 
 ``loader`` turns layered YAML files (``defaults:``) and ``key=value`` overrides into typed
 dataclasses, with errors that name the file, line and closest valid key; ``train`` is the schema
-and validation of a training run. Nothing here imports torch.
+of a training run (its validation against the components it names is
+`alp_agents.trainer.validation`). Nothing here imports torch.
 """
 
 from alp_agents.configs.loader import (
@@ -21,7 +22,6 @@ from alp_agents.configs.train import (
     TrainConfig,
     TrainConfigError,
     config_from_dict,
-    validate_config,
 )
 
 __all__ = [
@@ -38,5 +38,4 @@ __all__ = [
     "normalize_overrides",
     "parse_cli",
     "save_config",
-    "validate_config",
 ]

@@ -49,7 +49,8 @@ def resolve_cells(
     Unknown keys, bad values and unknown presets raise `ConfigError` / the trainer's
     `TrainConfigError` naming the key (and the closest valid one) and the cell.
     """
-    from alp_agents.configs import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
+    from alp_agents.configs import OTHER_SECTIONS, TrainConfig, TrainConfigError
+    from alp_agents.trainer import validate_config
 
     out = []
     for cell in spec.cells():

@@ -7,9 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from alp_agents.configs.train import OTHER_SECTIONS, TrainConfig, TrainConfigError, validate_config
+from alp_agents.configs.train import OTHER_SECTIONS, TrainConfig, TrainConfigError
 from alp_agents.trainer import checkpoint as ckpt
 from alp_agents.trainer.loop import ALPTrainer, TrainingDivergedError
+from alp_agents.trainer.validation import validate_config
 
 
 def cli_main(

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from alp_agents.common import derive_seed, rewrite_jsonl
-from alp_agents.configs.train import TrainConfig, eval_dataset, loss_config, validate_config
+from alp_agents.configs.train import TrainConfig, eval_dataset
 from alp_agents.learner.update import (
     PolicyUpdate,
     TrainingDivergedError,
@@ -74,6 +74,7 @@ from alp_agents.trainer.checkpoint import TrainerState
 from alp_agents.trainer.distributed import DistributedOps, check_world
 from alp_agents.trainer.optim import lr_lambda
 from alp_agents.trainer.problems import ProblemSampler
+from alp_agents.trainer.validation import loss_config, validate_config
 
 __all__ = ["ALPTrainer", "TrainResult", "TrainingDivergedError", "noise_seed"]
 

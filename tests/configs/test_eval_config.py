@@ -50,8 +50,19 @@ def test_train_style_dotted_keys(recwarn):
     assert again.env == cfg.env and not recwarn.list
 
 
-def test_shipped_eval_yaml_files_still_load():
-    with pytest.warns(FutureWarning):
-        quick = load_config(EvalConfig, ROOT / "train" / "configs" / "eval_quick.yaml")
+def test_shipped_eval_yaml_files_use_the_unified_keys(recwarn):
+    quick = load_config(EvalConfig, ROOT / "train" / "configs" / "eval_quick.yaml")
     assert quick.num_problems == 50 and quick.env.id == "alp/PythonTool-v0"
     assert quick.max_tokens == 256 and quick.top_p == 0.7
+    full = load_config(EvalConfig, ROOT / "train" / "configs" / "eval.yaml")
+    assert full.num_problems is None and full.k == 8  # the full evaluation: every problem
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_a_yaml_file_with_the_old_keys_still_loads(tmp_path):
+    old = tmp_path / "old_eval.yaml"
+    old.write_text("env: alp/PythonTool-v0\nlimit: 50\nenv_kwargs: {timeout_s: 2}\nk: 4\n")
+    with pytest.warns(FutureWarning):
+        cfg = load_config(EvalConfig, old)
+    assert cfg.num_problems == 50 and cfg.env.id == "alp/PythonTool-v0"
+    assert cfg.env.kwargs == {"timeout_s": 2} and cfg.k == 4

@@ -66,7 +66,8 @@ def test_config_validation_accepts_registered_names_and_suggests_one(registered)
 
 
 def test_train_config_rejects_an_unknown_model_name():
-    from alp_agents.configs.train import TrainConfig, TrainConfigError, validate_config
+    from alp_agents.configs.train import TrainConfig, TrainConfigError
+    from alp_agents.trainer.validation import validate_config
 
     cfg = TrainConfig()
     cfg.model.name = "tiny-lama"
