@@ -58,7 +58,7 @@ class EvalEnvConfig:
     id: str = "alp/PythonTool-v0"
     """Registered environment id (see envs.registered())."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for envs.make (e.g. {timeout_s: 3})."""
+    """Extra keyword arguments for envs.make (e.g. {stateful: false})."""
 
 
 def _deprecated(old: str, new: str) -> None:

@@ -140,8 +140,15 @@ def resolve_checkpoint(model: str) -> str:
 
 
 def check_model(model: str) -> None:
-    """Refuse a local folder without weights before anything is loaded."""
+    """Refuse a local folder without weights or an unknown name before anything is loaded.
+
+    A name registered with `alp_agents.models.register_model_factory` is a model too.
+    """
     from alp_agents.models import UnknownModelError, resolve_model_path
+    from alp_agents.models.registry import model_factory
+
+    if model_factory(model) is not None:
+        return
 
     local = Path(model).expanduser()
     if local.is_dir() and not _has_weights(local):

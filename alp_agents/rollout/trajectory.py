@@ -19,7 +19,7 @@ So the context the engine saw at turn ``k`` is ``prompt_ids + response_ids[:turn
 Besides tokens, a trajectory keeps what happened in each env step as typed records
 (``steps``: one `StepRecord` per assistant turn with the action text, the tool calls and their
 results as `ToolCallRecord`, the observation messages and, on the last step, the `GradeRecord`).
-The rollout fills them from ``env.step``'s info in one place (`step_record_from_info`), so that
+The rollout fills them from ``env.step``'s info in one place (`tool_call_record` and `grade_record`, called by the agent loop), so that
 evaluation, the learner's statistics and a human reading a JSONL file all read the same typed
 data, and nothing needs to wrap an env to see its infos.
 
@@ -76,7 +76,7 @@ class ToolCallRecord:
     PythonToolEnv reports ``code``, ``stdout``, ``stderr`` and a sandbox ``status`` (``ok``,
     ``error``, ``timeout``, ``memory``, ``output_limit``, ``killed``, ``sandbox_error``);
     ToolEnv reports ``arguments`` and ``output`` or ``error`` with status ``ok`` / ``error``.
-    `step_record_from_info` maps both onto these fields; a field an env does not report is None.
+    `tool_call_record` maps both onto these fields; a field an env does not report is None.
 
     Attributes:
         name: the tool (``"python"`` for PythonToolEnv).

@@ -265,3 +265,11 @@ def test_tool_results_come_from_the_trajectory_records(tiny_checkpoint):
     assert s["tool_error_rate"] == pytest.approx(1 / 2)
     assert s["void_turn_rate"] == pytest.approx(1 / 4)
     assert s["void_episode_rate"] == pytest.approx(1 / 2)
+
+
+def test_a_registered_model_name_is_evaluated(tmp_path):
+    """A model built in code (`register_model_factory`) is a model name for evaluation too, as
+    it is for training; the tiny names are registered by tests/conftest.py."""
+    result = evaluate(model="tiny-llama", num_problems=2, k=1, seed=0, run_dir=tmp_path, **TINY)
+    assert result.summary["num_problems"] == 2 and result.summary["num_samples"] == 2
+    assert json.loads(result.files["report_json"].read_text())["config"]["model"] == "tiny-llama"

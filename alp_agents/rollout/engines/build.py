@@ -1,7 +1,7 @@
 """`build_engine`: the one place that turns an engine choice and a dtype setting into an engine.
 
-The trainer (``rollout.engine`` / ``rollout.engine_dtype``), evaluation (``engine`` /
-``dtype``) and the benches all choose between `HFEngine` and `VLLMEngine` the same way, so the
+The trainer (``rollout.engine`` / ``rollout.engine_dtype``) and evaluation (``engine`` /
+``dtype``) choose between `HFEngine` and `VLLMEngine` the same way, so the
 choice, its validation and the dtype rules live here:
 
 * ``auto`` picks vLLM when CUDA and an importable vllm exist, else HF;
