@@ -1,6 +1,6 @@
 """The checkpoint module's files: exports, training checkpoints, listing, pruning, refusal of
 non-finite tensors. Independent of the trainer: a tiny model, an optimiser and a scheduler
-built here, and the trainer state as an opaque JSON dict."""
+built here, packed into a `TrainerState` by hand."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from alp_agents.models import make_tiny_model
 from alp_agents.trainer import checkpoint as ckpt
+from alp_agents.trainer.checkpoint import TrainerState
 
 
 @pytest.fixture
@@ -30,19 +31,23 @@ def _optimiser(model):
     return opt, scheduler
 
 
+def _state(opt, scheduler, **overrides) -> TrainerState:
+    fields = dict(
+        step=7,
+        sampler={"epoch": 1, "position": 3},
+        rng=ckpt.rng_state(),
+        optimizer=opt.state_dict(),
+        scheduler=None if scheduler is None else scheduler.state_dict(),
+        perturbation={"log_sigma": torch.full((2,), math.log(1e-3))},
+    )
+    fields.update(overrides)
+    return TrainerState(**fields)
+
+
 def _save(path, model, **overrides):
     opt, scheduler = _optimiser(model)
-    kwargs = dict(
-        model=model,
-        tokenizer=None,
-        optimizer=opt,
-        scheduler=scheduler,
-        perturbation_state={"log_sigma": torch.full((2,), math.log(1e-3))},
-        trainer_state={"step": 7, "sampler": {"epoch": 1, "position": 3}},
-        rng=ckpt.rng_state(),
-    )
-    kwargs.update(overrides)
-    return ckpt.save_training_checkpoint(path, **kwargs), opt, scheduler
+    state = _state(opt, scheduler, **overrides)
+    return ckpt.save_training_checkpoint(path, state, model=model, tokenizer=None), opt, scheduler
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -74,17 +79,17 @@ def test_training_checkpoint_round_trips(tmp_path, model):
     assert written == path and (path / "trainer_state.json").exists()
 
     state = ckpt.load_training_checkpoint(path)
-    assert state["model_dir"] == path / "model"
-    assert state["trainer_state"] == {"step": 7, "sampler": {"epoch": 1, "position": 3}}
-    torch.testing.assert_close(state["perturbation"]["log_sigma"], torch.full((2,), math.log(1e-3)))
-    assert state["scheduler"] == scheduler.state_dict()
-    assert state["rng_per_rank"] is None
-    saved_opt = state["optimizer"]
+    assert ckpt.checkpoint_model_dir(path) == path / "model"
+    assert (state.step, state.sampler) == (7, {"epoch": 1, "position": 3})
+    torch.testing.assert_close(state.perturbation["log_sigma"], torch.full((2,), math.log(1e-3)))
+    assert state.scheduler == scheduler.state_dict()
+    assert state.rng_per_rank is None
+    saved_opt = state.optimizer
     assert saved_opt["param_groups"] == opt.state_dict()["param_groups"]
     for pid, s in opt.state_dict()["state"].items():
         for k, v in s.items():
             torch.testing.assert_close(saved_opt["state"][pid][k], v, rtol=0, atol=0)
-    restored = AutoModelForCausalLM.from_pretrained(state["model_dir"])
+    restored = AutoModelForCausalLM.from_pretrained(ckpt.checkpoint_model_dir(path))
     _assert_same_weights(restored.state_dict(), model.state_dict())
 
     # the RNG state restores every generator to where it was captured
@@ -92,7 +97,7 @@ def test_training_checkpoint_round_trips(tmp_path, model):
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    ckpt.set_rng_state(state["rng"])
+    ckpt.set_rng_state(state.rng)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -100,7 +105,7 @@ def test_per_rank_rng_is_kept_when_given(tmp_path, model):
     path = ckpt.checkpoint_path(tmp_path, 1)
     per_rank = [ckpt.rng_state(), ckpt.rng_state()]
     _save(path, model, rng_per_rank=per_rank)
-    loaded = ckpt.load_training_checkpoint(path)["rng_per_rank"]
+    loaded = ckpt.load_training_checkpoint(path).rng_per_rank
     assert len(loaded) == 2
     assert torch.equal(loaded[1]["torch"], per_rank[1]["torch"])
 
@@ -139,18 +144,9 @@ def test_non_finite_weights_are_never_written(tmp_path, model):
         ckpt.save_export(model, None, tmp_path / "final")
     assert not (tmp_path / "final").exists() and not (tmp_path / "final.tmp").exists()
     path = ckpt.checkpoint_path(tmp_path, 1)
-    opt, scheduler = torch.optim.SGD(model.parameters(), lr=0.1), None
+    state = _state(torch.optim.SGD(model.parameters(), lr=0.1), None, perturbation=None)
     with pytest.raises(ckpt.NonFiniteCheckpointError, match="not finite"):
-        ckpt.save_training_checkpoint(
-            path,
-            model=model,
-            tokenizer=None,
-            optimizer=opt,
-            scheduler=scheduler,
-            perturbation_state=None,
-            trainer_state={"step": 1},
-            rng=ckpt.rng_state(),
-        )
+        ckpt.save_training_checkpoint(path, state, model=model, tokenizer=None)
     assert ckpt.list_checkpoints(tmp_path) == [] and not path.exists()
 
 
@@ -162,15 +158,9 @@ def test_non_finite_perturbation_or_optimiser_state_is_refused(tmp_path, model, 
         perturbation["log_sigma"][1] = float("inf")
     else:
         next(iter(opt.state.values()))["exp_avg"].view(-1)[0] = float("nan")
+    state = _state(opt, scheduler, step=3, perturbation=perturbation)
     with pytest.raises(ckpt.NonFiniteCheckpointError, match=where):
         ckpt.save_training_checkpoint(
-            ckpt.checkpoint_path(tmp_path, 3),
-            model=model,
-            tokenizer=None,
-            optimizer=opt,
-            scheduler=scheduler,
-            perturbation_state=perturbation,
-            trainer_state={"step": 3},
-            rng=ckpt.rng_state(),
+            ckpt.checkpoint_path(tmp_path, 3), state, model=model, tokenizer=None
         )
     assert ckpt.latest_checkpoint(tmp_path) is None
