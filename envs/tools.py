@@ -28,10 +28,17 @@ Hugging Face chat-template "function" format):
 in ``<tool_response>...</tool_response>`` and finishes with ``\\boxed{answer}``. A malformed call
 (bad JSON, unknown tool, wrong arguments, the tool raising) becomes an error observation the
 model can react to; it never crashes the episode. See docs/examples/unit_converter/.
+
+Tools may be ``async def``: the calls of one turn that go to async tools run concurrently, each
+bounded by ``tool_timeout_s`` (a call past it becomes an error observation); plain functions run
+one after the other on the env's thread, as written (a running function cannot be interrupted,
+so the timeout does not apply to them).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import inspect
@@ -141,6 +148,11 @@ class Tool:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
+
+    @property
+    def is_async(self) -> bool:
+        """True for an ``async def`` tool: calling it returns a coroutine to await."""
+        return inspect.iscoroutinefunction(self.function)
 
     def validate(self, arguments: Any) -> dict[str, Any]:
         """Check (and coerce int -> float) the model's arguments; raises ToolCallError."""
@@ -350,6 +362,7 @@ class ToolEnv(TextEnv):
         tools: Sequence[Tool] | None = None,
         max_calls_per_turn: int = 4,
         max_tool_errors: int | None = 3,
+        tool_timeout_s: float | None = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(dataset, split, max_tool_errors=max_tool_errors, **kwargs)
@@ -363,6 +376,9 @@ class ToolEnv(TextEnv):
                 raise TypeError(f"{t!r} is not a Tool; decorate the function with @envs.tool")
         self.tools_by_name = {t.name: t for t in self.tools}
         self.max_calls_per_turn = max_calls_per_turn
+        if tool_timeout_s is not None and tool_timeout_s <= 0:
+            raise ValueError(f"tool_timeout_s must be > 0 or None, got {tool_timeout_s}")
+        self.tool_timeout_s = tool_timeout_s
         self.stop_sequences = [TOOL_CALL_CLOSE]
         if self.system_prompt is None:
             self.system_prompt = self.tool_system_prompt()
@@ -382,22 +398,20 @@ class ToolEnv(TextEnv):
             return TurnOutcome(finish_reason="answer", answer_text=action)
         if not calls:
             return TurnOutcome(finish_reason="void_turn")
-        results, texts = [], []
-        for index, call in enumerate(calls):
-            result = (
-                self.run_call(call)
-                if index < self.max_calls_per_turn
-                else {
-                    "name": call.name,
-                    "arguments": call.arguments,
-                    "status": "error",
-                    "error": f"at most {self.max_calls_per_turn} tool calls per turn",
-                }
-            )
-            results.append(result)
-            texts.append(
-                f"Error: {result['error']}" if result["status"] == "error" else result["output"]
-            )
+        results = self.run_calls(calls[: self.max_calls_per_turn])
+        results += [
+            {
+                "name": call.name,
+                "arguments": call.arguments,
+                "status": "error",
+                "error": f"at most {self.max_calls_per_turn} tool calls per turn",
+            }
+            for call in calls[self.max_calls_per_turn :]
+        ]
+        texts = [
+            f"Error: {result['error']}" if result["status"] == "error" else result["output"]
+            for result in results
+        ]
         content = "\n".join(f"<tool_response>\n{text}\n</tool_response>" for text in texts)
         return TurnOutcome(
             messages=[self.observation_message(content)],
@@ -407,6 +421,21 @@ class ToolEnv(TextEnv):
 
     def run_call(self, call: ToolCall) -> dict[str, Any]:
         """Execute one parsed call; errors become ``{"status": "error", "error": ...}``."""
+        return self.run_calls([call])[0]
+
+    def run_calls(self, calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+        """Execute one turn's calls, results in call order.
+
+        Calls to async tools run concurrently (each within ``tool_timeout_s``); calls to plain
+        functions run in order on this thread.
+        """
+
+        async def turn() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(self._acall(call) for call in calls)))
+
+        return _run_to_completion(turn)
+
+    async def _acall(self, call: ToolCall) -> dict[str, Any]:
         result: dict[str, Any] = {"name": call.name, "arguments": call.arguments, "raw": call.raw}
         if call.error is not None:
             return {**result, "status": "error", "error": call.error}
@@ -419,8 +448,16 @@ class ToolEnv(TextEnv):
             }
         try:
             value = chosen.call(call.arguments)
+            if inspect.isawaitable(value):
+                value = await asyncio.wait_for(value, timeout=self.tool_timeout_s)
         except ToolCallError as exc:
             return {**result, "status": "error", "error": str(exc)}
+        except asyncio.TimeoutError:
+            return {
+                **result,
+                "status": "error",
+                "error": f"{call.name} timed out after {self.tool_timeout_s:g} s",
+            }
         except Exception as exc:  # noqa: BLE001 - a tool failing on the model's input is an observation
             return {
                 **result,
@@ -435,3 +472,14 @@ class ToolEnv(TextEnv):
         return (
             value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
         )
+
+
+def _run_to_completion(make: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make()`` to its result from synchronous code, also when this thread
+    already runs an event loop (a notebook, an async caller): then on a short-lived thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()

@@ -20,7 +20,8 @@ and underscores are interchangeable: ``--max-turns`` = ``--max_turns``). The env
 ``env.kwargs``). Results go to
 ``--run-dir`` (default ``runs/eval/<model>-<dataset>-n<n>-seed<seed>``): ``report.md``,
 ``report.json``, ``samples.jsonl`` and ``pass_at_k.png``. Running the same command again
-resumes an interrupted evaluation without redoing finished samples.
+resumes an interrupted evaluation without redoing finished samples. ``--import MODULE``
+(repeatable) first imports a module of yours that registers environments, datasets or models.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from alp_agents.common.plugins import PluginImportError, import_modules, pop_imports  # noqa: E402
 from alp_agents.configs.loader import parse_cli  # noqa: E402
 from alp_agents.evaluation import EvalConfig, EvaluationError, run_evaluation  # noqa: E402
 
@@ -51,7 +53,13 @@ def dashes_to_underscores(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = dashes_to_underscores(sys.argv[1:] if argv is None else argv)
+    try:
+        args, modules = pop_imports(sys.argv[1:] if argv is None else argv)
+        import_modules(modules)  # user modules that register envs, datasets or models
+    except PluginImportError as exc:
+        print(f"train/evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+    argv = dashes_to_underscores(args)
     argv = [a if a != "--print_config" else "--print-config" for a in argv]
     cfg, _ = parse_cli(EvalConfig, argv, prog="train/evaluate.py", description=__doc__)
     try:

@@ -11,6 +11,8 @@ Examples::
     python train/multi_turn.py --preset bypass steps=20          # another correction
     python train/multi_turn.py --config train/configs/multi_turn_qwen2.5_7b_vllm.yaml
     python train/multi_turn.py --resume runs/20260101-120000-multi_turn   # continue a run
+    python train/multi_turn.py --import my_envs env.id=me/Dates-v0 env.dataset=dates
+                                                                 # an env registered in my_envs.py
     python train/multi_turn.py --help                            # every option
 
 Ctrl-C saves a checkpoint; ``--resume RUN_DIR`` continues exactly where it stopped.

@@ -16,16 +16,25 @@ from alp_agents.trainer.validation import validate_config
 def cli_main(
     argv: Sequence[str] | None, default_config: str | os.PathLike | None, description: str
 ) -> int:
-    """Parse ``--config/--preset/--resume`` plus dotted overrides, train, print the summary.
+    """Parse ``--config/--preset/--resume/--import`` plus dotted overrides, train, print the summary.
 
     ``--preset NAME`` is a shortcut for ``algorithm.preset=NAME``; ``--resume RUN_DIR``
     continues the newest checkpoint of ``RUN_DIR`` with its saved configuration (later
-    overrides still apply, e.g. ``steps=40`` to train longer). Configuration mistakes exit
-    with status 2 before any model is loaded.
+    overrides still apply, e.g. ``steps=40`` to train longer). ``--import MODULE``
+    (repeatable) imports a module that registers environments, datasets or models before the
+    configuration is read (`alp_agents.common.plugins`). Configuration mistakes exit with
+    status 2 before any model is loaded.
     """
+    from alp_agents.common.plugins import PluginImportError, import_modules, pop_imports
     from alp_agents.configs.loader import parse_cli
 
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, modules = pop_imports(args)
+        import_modules(modules)
+    except PluginImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args, preset = pop_option(args, "--preset")
     args, resume_dir = pop_option(args, "--resume")
     if preset is not None:

@@ -72,6 +72,7 @@ from alp_agents.rollout.trajectory import Trajectory
 from alp_agents.trainer import checkpoint as ckpt
 from alp_agents.trainer.checkpoint import TrainerState
 from alp_agents.trainer.distributed import DistributedOps, check_world
+from alp_agents.trainer.monitors import LearningSignalMonitor
 from alp_agents.trainer.optim import lr_lambda
 from alp_agents.trainer.problems import ProblemSampler
 from alp_agents.trainer.validation import loss_config, validate_config
@@ -133,6 +134,7 @@ class ALPTrainer:
 
         self.train_problems, self.eval_problems = self._load_problems()
         self.sampler = ProblemSampler(len(self.train_problems), config.seed)
+        self.signal_monitor = LearningSignalMonitor()
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         model, initial = self._build_policy(model, model_dir)
         self.model = model
@@ -479,6 +481,10 @@ class ALPTrainer:
             mask_void_turns=r.mask_void_turns,
         )
         metrics.update(batch_metrics)
+        warning = self.signal_monitor.observe(metrics["advantage/zero_groups_ratio"])
+        metrics["signal/flat_steps"] = float(self.signal_monitor.flat_steps)
+        if warning is not None:
+            self._say(f"WARNING: {warning}")
 
         t_update = time.perf_counter()
         metrics.update(self.update.run(batch, self.step).metrics)

@@ -171,3 +171,114 @@ def test_toolenv_requires_tools_and_passes_check_env():
             "\\boxed{20}",
         ],
     ).ok
+
+
+# ----------------------------------------------------------------------------- async tools
+
+
+def _tool_env(tools, **kwargs):
+    return envs.ToolEnv(
+        problems=[{"id": "a", "question": "Q?", "answer": "1"}], tools=tools, **kwargs
+    )
+
+
+def _call(name: str, **arguments) -> str:
+    import json
+
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def test_async_tools_are_awaited_and_their_value_is_observed():
+    @envs.tool
+    async def double(x: int) -> int:
+        """Double a number.
+
+        Args:
+            x: the number.
+        """
+        import asyncio
+
+        await asyncio.sleep(0)
+        return 2 * x
+
+    assert double.is_async and not lookup.is_async
+    env = _tool_env([double])
+    env.reset(seed=0)
+    obs, _, terminated, _, info = env.step(_call("double", x=21))
+    assert not terminated and info["tool_results"][0]["status"] == "ok"
+    assert info["tool_results"][0]["output"] == "42" and "coroutine" not in obs
+
+
+def test_async_calls_of_one_turn_run_concurrently():
+    """``wait`` can only finish if ``release`` runs while it waits: run one after the other,
+    ``wait`` would hit its timeout. Results keep the order of the calls."""
+    import asyncio
+
+    gate: dict[str, asyncio.Event] = {}
+
+    def event() -> asyncio.Event:
+        return gate.setdefault("e", asyncio.Event())
+
+    @envs.tool
+    async def wait() -> str:
+        """Wait for the release."""
+        await event().wait()
+        return "released"
+
+    @envs.tool
+    async def release() -> str:
+        """Release the waiter."""
+        event().set()
+        return "done"
+
+    env = _tool_env([wait, release], tool_timeout_s=5)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(_call("wait") + _call("release"))
+    assert [(r["name"], r["status"], r.get("output")) for r in info["tool_results"]] == [
+        ("wait", "ok", "released"),
+        ("release", "ok", "done"),
+    ]
+
+
+def test_an_async_call_past_its_timeout_is_an_error_observation():
+    @envs.tool
+    async def hang() -> str:
+        """Never returns."""
+        import asyncio
+
+        await asyncio.sleep(60)
+        return "late"
+
+    env = _tool_env([hang, lookup], tool_timeout_s=0.2)
+    env.reset(seed=0)
+    obs, _, terminated, _, info = env.step(_call("hang") + _call("lookup", city="Oslo"))
+    assert not terminated
+    assert info["tool_results"][0] == {
+        "name": "hang",
+        "arguments": {},
+        "raw": info["tool_results"][0]["raw"],
+        "status": "error",
+        "error": "hang timed out after 0.2 s",
+    }
+    assert info["tool_results"][1]["status"] == "ok"  # the other call is unaffected
+    assert "Error: hang timed out after 0.2 s" in obs
+    with pytest.raises(ValueError, match="tool_timeout_s"):
+        _tool_env([hang], tool_timeout_s=0)
+
+
+def test_tool_calls_work_from_inside_a_running_event_loop():
+    import asyncio
+
+    @envs.tool
+    async def one() -> int:
+        """One."""
+        return 1
+
+    env = _tool_env([one])
+    env.reset(seed=0)
+
+    async def caller():
+        return env.step(_call("one"))
+
+    _, _, _, _, info = asyncio.run(caller())
+    assert info["tool_results"][0]["output"] == "1"
