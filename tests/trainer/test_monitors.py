@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import doctest
 
+import alp_agents.trainer.monitors as monitors_module
 import envs
+from alp_agents.trainer.monitors import LearningSignalMonitor
 from envs.grading import Grade
 from envs.math_env import MathEnv
-
-import alp_agents.trainer.monitors as monitors_module
-from alp_agents.trainer.monitors import LearningSignalMonitor
 from tests.trainer.test_trainer import make_trainer, step_rows, tiny_config
 
 ALWAYS_RIGHT = "test/AlwaysRight-v0"
@@ -38,7 +37,9 @@ def test_warns_once_per_flat_stretch_on_its_patience_th_step():
     assert m.flat_steps == 3
 
 
-def test_trainer_warns_when_every_group_has_equal_rewards(tmp_path, problem_files, tokenizer, capsys):
+def test_trainer_warns_when_every_group_has_equal_rewards(
+    tmp_path, problem_files, tokenizer, capsys
+):
     cfg = tiny_config(tmp_path, problem_files, steps=3)
     cfg.env.id = ALWAYS_RIGHT
     make_trainer(cfg, tokenizer).train()
