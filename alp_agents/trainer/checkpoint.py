@@ -151,6 +151,7 @@ class TrainerState:
     )
     nonfinite_in_row: int = 0
     skipped_updates: int = 0
+    signal_flat_steps: int = 0  # `LearningSignalMonitor`'s count of steps without signal
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
     def rng_for_rank(self, rank: int, world: int) -> dict[str, Any]:

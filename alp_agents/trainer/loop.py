@@ -409,6 +409,7 @@ class ALPTrainer:
             rng_per_rank=rng_per_rank,
             nonfinite_in_row=self.update.nonfinite.in_row,
             skipped_updates=self.update.nonfinite.total,
+            signal_flat_steps=self.signal_monitor.flat_steps,
             eval_history=list(self.eval_history),
         )
 
@@ -422,6 +423,7 @@ class ALPTrainer:
         self.step = int(state.step)
         self.update.nonfinite.in_row = int(state.nonfinite_in_row)
         self.update.nonfinite.total = int(state.skipped_updates)
+        self.signal_monitor.flat_steps = int(state.signal_flat_steps)
         self.eval_history = list(state.eval_history)
         self.sampler.load_state_dict(state.sampler)
         ckpt.set_rng_state(state.rng_for_rank(self.dist.rank, self.dist.world))

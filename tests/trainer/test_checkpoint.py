@@ -40,6 +40,7 @@ def a_state(with_ranks: bool = True) -> TrainerState:
         rng_per_rank=[rng, ckpt.rng_state()] if with_ranks else None,
         nonfinite_in_row=1,
         skipped_updates=4,
+        signal_flat_steps=2,
         eval_history=[{"step": 0, "label": "before", "avg@k": 0.25}],
     )
 
@@ -115,10 +116,11 @@ def test_checkpoint_saves_config_once_and_loads_the_state(tmp_path):
         "sampler",
         "nonfinite_in_row",
         "skipped_updates",
+        "signal_flat_steps",
         "eval_history",
     }
     back = ckpt.load_training_checkpoint(path)
-    assert back.step == 2 and back.skipped_updates == 4
+    assert back.step == 2 and back.skipped_updates == 4 and back.signal_flat_steps == 2
     assert ckpt.checkpoint_model_dir(path).joinpath("config.json").exists()
     assert ckpt.list_checkpoints(tmp_path) == [(2, path)]
 
