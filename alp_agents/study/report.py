@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alp_agents.common import read_jsonl
+from alp_agents.reporting.runlog import METRICS_FILE, read_metrics
 from alp_agents.study.aggregate import (
     NAN_INTERVAL,
     Interval,
@@ -65,6 +66,14 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         return read_jsonl(path, missing_ok=True)
 
 
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    if not (run_dir / METRICS_FILE).exists():
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return read_metrics(run_dir)
+
+
 def heldout_scores(run_dir: Path) -> dict[str, float]:
     """Per held-out problem: its mean reward over samples in the final evaluation."""
     rows = [r for r in _jsonl(run_dir / HELDOUT_FILE) if r.get("label") == HELDOUT_LABEL]
@@ -85,7 +94,9 @@ def cell_summary(cell_dir: Path) -> dict[str, Any]:
         "status": meta.get("status", "unfinished"),
         **{k: meta.get(k) for k in ("preset", "seed", "variant", "sweep", "group", "seconds")},
     }
-    rows = [r for r in _jsonl(cell_dir / "metrics.jsonl") if "reward/mean" in r]
+    # Through the run log's own reader: it restores the "nan"/"inf" strings a step with no
+    # kept token (e.g. every sequence rejected) logs; a plain JSON read left them as strings.
+    rows = [r for r in _metrics(cell_dir) if "reward/mean" in r]
     rows.sort(key=lambda r: r["step"])
     out["steps"] = len(rows)
     out["envelope"] = [

@@ -97,3 +97,31 @@ def test_groups_pool_seeds_and_count_diverged_runs():
     lines = [line for line in md.splitlines() if line.startswith("| 1 |")]
     assert "`alp`" in lines[0] and "0.750" in lines[0]  # ranked first by held-out score
     assert "1 unfinished" in md and "1 diverged" in md
+
+
+def test_cell_summary_reads_non_finite_metrics_written_by_the_run_log(tmp_path):
+    """A step where a rejection rule drops every sequence logs nan for its ratio statistics;
+    the run log writes them as "nan" strings. The summary must read them back as numbers
+    (a study crashed here on seq_mask_tis) and skip them in the means."""
+    import json
+
+    from alp_agents.reporting.runlog import RunLogger
+    from alp_agents.study.report import cell_summary
+
+    with RunLogger(tmp_path, tensorboard=False) as log:
+        for step, clip in ((1, 0.5), (2, float("nan")), (3, 0.25), (4, float("inf"))):
+            log.log(
+                step,
+                {
+                    "reward/mean": 0.5,
+                    "clip/total": clip,
+                    "seq_log_ratio/q02": -1.0,
+                    "seq_log_ratio/q98": 1.0,
+                },
+            )
+    (tmp_path / "cell.json").write_text(json.dumps({"status": "done", "preset": "x", "seed": 0}))
+    out = cell_summary(tmp_path)
+    assert out["steps"] == 4 and out["status"] == "done"
+    # second half = steps 3 and 4; inf is kept (finite-or-not is not nan), nan is skipped
+    assert out["clip_total"] == math.inf
+    assert out["envelope_width"] == pytest.approx(2.0)
