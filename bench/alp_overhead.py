@@ -67,10 +67,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def ceiling_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device runs it natively, else float32: the precision training runs in
+    there (`alp_agents.models.precision`); an emulated bf16 matmul would take minutes here."""
+    from alp_agents.models.precision import native_bf16
+
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """Measured bf16 matmul throughput (the machine's practical ceiling), GFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    """Measured matmul throughput in `ceiling_dtype` (the machine's practical ceiling), GFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=ceiling_dtype(device))
+    b = torch.randn(n, n, device=device, dtype=ceiling_dtype(device))
     for _ in range(3):
         a @ b
     sync(device)
@@ -214,7 +222,8 @@ def main() -> None:
 
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.length}")
     ceiling = matmul_gflops(device)
-    print(f"bf16 matmul throughput (2048^3): {ceiling:,.0f} GFLOP/s", flush=True)
+    kind = str(ceiling_dtype(device)).removeprefix("torch.")
+    print(f"{kind} matmul throughput (2048^3): {ceiling:,.0f} GFLOP/s", flush=True)
 
     model, updates = setup(args, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -249,7 +258,7 @@ def main() -> None:
     print()
     print(
         f"| setting | update s (median of {args.repeats}) | tokens/s | GFLOP/s (6N/token) "
-        f"| % of bf16 matmul | {what} MiB |"
+        f"| % of {kind} matmul | {what} MiB |"
     )
     print("|---|---|---|---|---|---|")
     labels = {

@@ -14,7 +14,7 @@ batch (one "step" here = generate the batch + K optimiser steps):
 * achieved update FLOP/s: 6 N per token position that went through a forward with gradient
   (forward + backward) + 2 N per position of a no-grad forward (pi_old / reference), counting
   the positions the model really ran (a prompt shared by a group runs once), as a fraction of
-  the bf16 matmul throughput measured at the start of this same run. N includes the LM head,
+  the matmul throughput (bf16 where native, else float32) measured at the start of this same run. N includes the LM head,
   which only runs on scored positions, so this is a slight over-estimate.
 
 TRL is only needed for the benchmark (it is not a project dependency)::
@@ -45,10 +45,18 @@ from alp_agents.trainer import ALPTrainer, TrainConfig  # noqa: E402
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "single_turn_cpu.yaml"
 
 
-def bf16_matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    """Measured bf16 matmul throughput (FLOP/s) on this machine right now."""
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+def ceiling_dtype() -> torch.dtype:
+    """bf16 where this CPU runs it natively, else float32: the precision training runs in
+    here (`alp_agents.models.precision`); an emulated bf16 matmul would take minutes."""
+    from alp_agents.models.precision import native_bf16
+
+    return torch.bfloat16 if native_bf16("cpu") else torch.float32
+
+
+def matmul_flops(n: int = 2048, reps: int = 10) -> float:
+    """Measured matmul throughput (FLOP/s) in `ceiling_dtype` on this machine right now."""
+    a = torch.randn(n, n, dtype=ceiling_dtype())
+    b = torch.randn(n, n, dtype=ceiling_dtype())
     for _ in range(2):
         a @ b
     t = time.perf_counter()
@@ -187,8 +195,9 @@ def main() -> None:
     cfg.logging.tensorboard = False
     cfg.logging.plots = False
     cfg.checkpoint.export = False
-    peak = bf16_matmul_flops()
-    print(f"bf16 matmul throughput: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    peak = matmul_flops()
+    kind = str(ceiling_dtype()).removeprefix("torch.")
+    print(f"{kind} matmul throughput: {peak / 1e9:.0f} GFLOP/s", flush=True)
     print(
         f"setting: {cfg.model.name}, {cfg.env.id} ({cfg.env.dataset}), "
         f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size}, "
@@ -201,7 +210,7 @@ def main() -> None:
         f"ours: {ours['step_s']:.2f} s/step (rollout {ours['rollout_s']:.2f} s), "
         f"update {ours['update_s']:.2f} s, "
         f"{ours['update_tok_s']:.0f} update tok/s, {ours['update_flops'] / 1e9:.0f} GFLOP/s "
-        f"= {ours['update_flops'] / peak:.1%} of bf16 matmul peak",
+        f"= {ours['update_flops'] / peak:.1%} of {kind} matmul peak",
         flush=True,
     )
     if args.skip_trl:
@@ -227,9 +236,9 @@ def main() -> None:
     speedup = results[best]["step_s"] / ours["step_s"]
     print(f"speed-up per step vs the faster, {best}: {speedup:.2f}x (target >= 2x)")
     # A shared host can change speed mid-run; the ratio only holds if the machine did not.
-    peak_end = bf16_matmul_flops()
+    peak_end = matmul_flops()
     drift = peak_end / peak - 1
-    print(f"bf16 matmul throughput at the end: {peak_end / 1e9:.0f} GFLOP/s ({drift:+.0%})")
+    print(f"{kind} matmul throughput at the end: {peak_end / 1e9:.0f} GFLOP/s ({drift:+.0%})")
     if abs(drift) > 0.1:
         print("WARNING: the machine's speed changed by more than 10% during the run; re-run")
 
