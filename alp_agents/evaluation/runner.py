@@ -52,11 +52,9 @@ from alp_agents.evaluation.metrics import CORRECT, UNVERIFIABLE
 from alp_agents.evaluation.records import (
     append_records,
     complete_problem_ids,
-    load_records,
-    sample_grade,
     sample_record,
 )
-from alp_agents.evaluation.reports import markdown_report, plot_pass_at_k, write_reports
+from alp_agents.evaluation.reports import write_reports
 from alp_agents.evaluation.results import EvalReport, EvalResult, EvaluationError
 from alp_agents.evaluation.rundir import (
     SAMPLES_FILE,
@@ -70,23 +68,7 @@ from alp_agents.reporting.console import progress_bar, say
 if TYPE_CHECKING:
     from alp_agents.rollout.engines import InferenceEngine, SamplingParams
 
-__all__ = [
-    "EvalConfig",
-    "EvalReport",
-    "EvalResult",
-    "EvaluationError",
-    "default_run_dir",
-    "evaluate",
-    "evaluate_with_engine",
-    "load_records",
-    "markdown_report",
-    "plot_pass_at_k",
-    "resolve_checkpoint",
-    "run_evaluation",
-    "sample_grade",
-    "sample_record",
-    "write_reports",
-]
+__all__ = ["evaluate", "evaluate_with_engine", "run_evaluation"]
 
 
 # ----------------------------------------------------------------------------------------------

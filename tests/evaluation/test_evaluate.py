@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alp_agents.evaluation.runner import EvaluationError, evaluate, evaluate_with_engine
+from alp_agents.evaluation import EvaluationError, evaluate, evaluate_with_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,13 +6,8 @@ import json
 
 import pytest
 
-from alp_agents.evaluation.runner import (
-    EvalConfig,
-    EvaluationError,
-    _result_from_records,
-    load_records,
-    write_reports,
-)
+from alp_agents.evaluation import EvalConfig, EvaluationError, load_records, write_reports
+from alp_agents.evaluation.runner import _result_from_records
 
 
 def _records():
