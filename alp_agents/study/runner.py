@@ -11,6 +11,11 @@ bookkeeping. The runner writes ``cell.json`` when a cell has ended:
   (``--resume``, exactly: weights, optimiser, sigma, RNGs, sampler), or starts again when it
   had none;
 * ``failed`` (any other exit) is rerun only with ``--retry-failed``; its log is kept.
+
+Stopping: Ctrl-C or ``kill`` (SIGTERM) on the runner passes SIGINT to the running cell, which
+finishes its update, checkpoints and exits; the runner then stops the grid without writing that
+cell's ``cell.json``, so the same command resumes it. A cell that exits as interrupted on its own
+(SIGINT/SIGTERM sent to it directly) stops the grid the same way instead of being counted failed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,12 +39,34 @@ from alp_agents.study.grid import Cell, StudySpec
 from alp_agents.study.report import CELL_FILE, CELLS_DIR, cell_summary
 from alp_agents.trainer import checkpoint as ckpt
 
-__all__ = ["run_study", "resolve_cells"]
+__all__ = ["CellInterrupted", "cell_status", "resolve_cells", "run_study"]
 
 SPEC_FILE = "study_spec.json"
 LOG_FILE = "train.log"
 # Every cell: its own run directory, no per-step console output, nothing big left behind.
 CELL_DEFAULTS = {"logging.progress": False, "checkpoint.export": False}
+# Exit codes of a cell that was stopped rather than crashed: the trainer's own 130 after Ctrl-C,
+# and death by SIGINT/SIGTERM (negative codes from subprocess, 128+N from a shell).
+INTERRUPTED_CODES = frozenset({130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM})
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """A cell ended because someone stopped it: the grid stops, the cell stays resumable."""
+
+
+def cell_status(returncode: int, log_tail: str) -> str:
+    """What a cell's exit means: ``done``, ``diverged``, ``interrupted`` or ``failed``.
+
+    Exit 1 is a divergence only when the trainer said so (``TrainingDivergedError`` in its log);
+    any other exit 1 is a crash.
+    """
+    if returncode == 0:
+        return "done"
+    if returncode in INTERRUPTED_CODES:
+        return "interrupted"
+    if returncode == 1 and "TrainingDivergedError" in log_tail:
+        return "diverged"
+    return "failed"
 
 
 def resolve_cells(
@@ -126,15 +154,16 @@ def _run_cell(
                 bar.set_postfix({"cell": cell.id, **_progress_line(run_dir)}, refresh=True)
                 time.sleep(2.0)
         except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)  # the trainer saves a checkpoint, then exits
-            proc.wait()
-            raise
+            proc.send_signal(signal.SIGINT)  # the trainer finishes its update, checkpoints, exits
+            try:
+                proc.wait()
+            except KeyboardInterrupt:  # asked twice: do not wait for the checkpoint
+                proc.kill()
+                proc.wait()
+            raise CellInterrupted from None
     seconds = time.monotonic() - start
     code = proc.returncode
-    status = {0: "done", 1: "diverged"}.get(code, "failed")
-    if status == "diverged" and "TrainingDivergedError" not in _tail(run_dir / LOG_FILE):
-        status = "failed"  # exit 1 without the divergence message: a crash
-    return status, code, seconds
+    return cell_status(code, _tail(run_dir / LOG_FILE)), code, seconds
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -188,10 +217,14 @@ def run_study(
             meta_path.unlink()
         todo.append((cell, overrides))
     bar = progress_bar(len(cells), initial=len(cells) - len(todo), desc="study", unit="cell")
+    previous_handlers = _stop_on_signals()
     try:
         for cell, overrides in todo:
             run_dir = output / CELLS_DIR / cell.id
             status, code, seconds = _run_cell(cell, overrides, base, run_dir, bar)
+            if status == "interrupted":
+                bar.write(f"{cell.id}: interrupted (exit {code}); the same command resumes it")
+                raise CellInterrupted
             meta = {
                 "status": status,
                 "returncode": code,
@@ -216,4 +249,27 @@ def run_study(
             bar.update(1)
     finally:
         bar.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return write_report(output, command=command)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Make Ctrl-C and ``kill`` (SIGTERM) on the runner stop it cleanly; returns the old handlers
+    (none off the main thread, where handlers cannot be set).
+
+    SIGINT gets a handler even where it was ignored, as a shell does for background jobs: an
+    ignored SIGINT is inherited by the cells across exec, and the cell would then ignore the
+    runner's "checkpoint and stop" until its trainer installs its own handler. A handled one is
+    reset to the default at exec, so every cell is interruptible from its first instruction.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+    }

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from alp_agents.study.grid import StudySpec
-from alp_agents.study.runner import run_study
+from alp_agents.study.runner import cell_status, run_study
 
 BASE = """
 model: {name: tiny-llama, autocast: none}
@@ -72,3 +76,66 @@ def test_two_cell_grid_reports_skips_finished_cells_and_resumes_exactly(tmp_path
             assert again[0][key] == value, key
     assert json.loads((run_dir / "cell.json").read_text())["status"] == "done"
     assert not (run_dir / "checkpoints").exists()  # removed once the cell is done
+
+
+@pytest.mark.parametrize(
+    ("code", "log", "status"),
+    [
+        (0, "", "done"),
+        (1, "... TrainingDivergedError: non-finite update", "diverged"),
+        (1, "Traceback ... ValueError", "failed"),  # exit 1 without the trainer's message
+        (130, "", "interrupted"),  # the trainer's own exit after Ctrl-C
+        (-signal.SIGINT, "", "interrupted"),
+        (-signal.SIGTERM, "", "interrupted"),
+        (143, "", "interrupted"),
+        (-signal.SIGKILL, "", "failed"),  # e.g. the OOM killer: a crash, not a stop
+        (2, "", "failed"),
+    ],
+)
+def test_cell_status_reads_the_exit(code, log, status):
+    assert cell_status(code, log) == status
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_grid_and_leaves_the_cell_resumable(tmp_path):
+    """`kill` on the runner (as from a script running it in the background, where SIGINT is
+    ignored) stops the running cell and the grid, and records no failure."""
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE.replace("steps: 2", "steps: 200"))
+    out = tmp_path / "study"
+    script = Path(__file__).resolve().parents[2] / "train" / "study.py"
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:  # a file, not a pipe: nobody reads while the bar writes
+        runner = subprocess.Popen(
+            [sys.executable, str(script), "--config", str(base), "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # a background job
+        )
+    run_dir = out / "cells" / "alp-s3"
+    log = run_dir / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "alp_agents.study.cell" in log.read_text()):
+        assert runner.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, "the cell never started"
+        time.sleep(0.2)
+    time.sleep(3.0)  # the cell is importing or training: either way it must stop
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=300) == 130
+    assert "rerun the same command to resume" in stderr.read_text()
+    assert _processes_mentioning(str(run_dir)) == []  # the cell stopped too
+    assert not (run_dir / "cell.json").exists()  # not counted as failed: resumable
+    assert not (out / "cells" / "bypass-s3").exists()  # the grid stopped
