@@ -22,6 +22,7 @@ MODULES = [
     "envs.prompts",
     "envs.python_tool_env",
     "envs.registration",
+    "envs.rewards",
     "envs.text",
     "envs.tools",
 ]
