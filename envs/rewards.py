@@ -223,8 +223,9 @@ def tool_use(weight: float = 0.1, max_rewarded_turns: int | None = 1) -> RewardF
     """``tool_use`` (per turn): the share of this turn's tool calls that succeeded (status
     ``ok``), 0.0 in a turn without calls.
 
-    Only the first ``max_rewarded_turns`` turns that made calls are paid (None: every one), so
-    the model is paid for using the tool, not for calling it until ``max_turns`` runs out.
+    Only the first ``max_rewarded_turns`` turns with a successful call are paid (None: every
+    one), so the model is paid for using the tool, not for calling it until ``max_turns`` runs
+    out; a turn whose calls all failed earns 0.0 and does not count towards the limit.
     """
     if max_rewarded_turns is not None and max_rewarded_turns < 1:
         raise ValueError(f"max_rewarded_turns must be >= 1 or None, got {max_rewarded_turns}")
@@ -238,11 +239,14 @@ def tool_use(weight: float = 0.1, max_rewarded_turns: int | None = 1) -> RewardF
 def _tool_use(inp: RewardInput, max_rewarded_turns: int | None) -> float:
     if not inp.tool_results:
         return 0.0
-    earlier = sum(1 for results in inp.turn_tool_results[:-1] if results)
-    if max_rewarded_turns is not None and earlier >= max_rewarded_turns:
+    paid = sum(1 for results in inp.turn_tool_results[:-1] if _succeeded(results) > 0)
+    if max_rewarded_turns is not None and paid >= max_rewarded_turns:
         return 0.0
-    ok = sum(1 for result in inp.tool_results if result.get("status") == "ok")
-    return ok / len(inp.tool_results)
+    return _succeeded(inp.tool_results) / len(inp.tool_results)
+
+
+def _succeeded(results: Sequence[dict[str, Any]]) -> int:
+    return sum(1 for result in results if result.get("status") == "ok")
 
 
 def length(target_chars: int, weight: float = 0.1) -> RewardFunc:
