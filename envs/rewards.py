@@ -49,7 +49,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class RewardInput:
-    """What a reward function sees after one step (the env builds it; fresh copies).
+    """What a reward function sees after one step (built by the env from copies of its state:
+    changing them changes nothing in the episode).
 
     Attributes:
         problem: the episode's problem (``problem.answer`` is the reference).
