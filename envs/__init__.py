@@ -12,7 +12,10 @@ Shipped environments: ``alp/Math-v0`` (single-turn maths) and ``alp/PythonTool-v
 
 from __future__ import annotations
 
-from . import procedural  # noqa: F401 - registers the "arith" generators
+from . import (
+    procedural,  # noqa: F401 - registers the "arith" generators
+    rewards,
+)
 from .checker import CheckReport, EnvCheckError, check_env
 from .core import FINISH_REASONS, INFO_KEYS, TextEnv, TextSpace, TurnOutcome
 from .datasets import (
@@ -36,6 +39,7 @@ from .registration import (
     register,
     registered,
 )
+from .rewards import RewardFunc, RewardInput, Rubric
 from .tools import Tool, ToolCall, ToolCallError, ToolEnv, parse_tool_calls, tool
 
 register("alp/Math-v0", "envs.math_env:MathEnv")
@@ -70,6 +74,9 @@ __all__ = [
     "ToolCallError",
     "ToolEnv",
     "TurnOutcome",
+    "RewardFunc",
+    "RewardInput",
+    "Rubric",
     "UnknownEnvError",
     "VerifierPool",
     "available_datasets",
@@ -86,6 +93,7 @@ __all__ = [
     "register",
     "register_generator",
     "registered",
+    "rewards",
     "shared_sandbox",
     "tool",
     "write_jsonl",

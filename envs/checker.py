@@ -3,8 +3,8 @@
 Runs gymnasium's own checker (spaces, reset/step return types, seeding, determinism, no shared
 return objects) and the text-environment contract the rollout and trainer rely on
 (docs/architecture.md): message shapes, the ``info`` keys, ``stop_sequences``, seeded problem
-choice, pinning a problem by id, the finish reasons, ``[]`` messages at the end, reward equal
-to the grade, and a gymnasium-style error for ``step()`` after the end.
+choice, pinning a problem by id, the finish reasons, ``[]`` messages at the end, the reward
+(the grade's score at the end, or the rubric's weighted sum of ``info["rewards"]``), and a gymnasium-style error for ``step()`` after the end.
 
     >>> import envs
     >>> report = envs.check_env(envs.make("alp/Math-v0", dataset="aime24"))
@@ -27,6 +27,7 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 
 from .core import FINISH_REASONS, INFO_KEYS
 from .grading import Grade
+from .rewards import Rubric, step_reward
 
 VOID_ACTION = "I am not sure how to solve this."
 
@@ -177,6 +178,11 @@ def _check_info(info: Any, where: str) -> None:
         f"{where}: grade must be an envs.Grade or None",
     )
     _require(
+        isinstance(info["rewards"], dict)
+        and all(isinstance(k, str) and isinstance(v, float) for k, v in info["rewards"].items()),
+        f"{where}: rewards must be a dict of name -> float",
+    )
+    _require(
         info["finish_reason"] is None or info["finish_reason"] in FINISH_REASONS,
         f"{where}: finish_reason {info['finish_reason']!r} not in {FINISH_REASONS}",
     )
@@ -197,8 +203,11 @@ def _check_reset(env: gymnasium.Env, seed: int) -> dict:
         obs == info["messages"][-1]["content"], "reset: obs must be the text of the last message"
     )
     _require(
-        info["turn"] == 0 and info["tool_calls"] == 0 and info["tool_results"] == [],
-        "reset: counters must start at 0",
+        info["turn"] == 0
+        and info["tool_calls"] == 0
+        and info["tool_results"] == []
+        and info["rewards"] == {},
+        "reset: counters must start at 0 (and no rewards yet)",
     )
     _require(
         info["grade"] is None and info["finish_reason"] is None,
@@ -241,7 +250,8 @@ def _check_fresh_copies(env: gymnasium.Env, seed: int) -> None:
     )
 
 
-def _check_step(result: Any, where: str) -> tuple:
+def _check_step(result: Any, where: str, rubric: Rubric | None = None) -> tuple:
+    reward_rule = "the rubric's weighted sum" if rubric else "the grade's score, at the end only"
     _require(isinstance(result, tuple) and len(result) == 5, f"{where}: step must return a 5-tuple")
     obs, reward, terminated, truncated, info = result
     _require(isinstance(obs, str), f"{where}: obs must be str")
@@ -262,10 +272,8 @@ def _check_step(result: Any, where: str) -> tuple:
         )
         _require(info["messages"] == [], f"{where}: messages must be [] when the episode ends")
         _require(isinstance(info["grade"], Grade), f"{where}: an ended episode needs a grade")
-        _require(
-            reward == info["grade"].reward,
-            f"{where}: reward {reward} != grade reward {info['grade'].reward}",
-        )
+        expected = step_reward(rubric, info["grade"], info["rewards"])
+        _require(reward == expected, f"{where}: reward {reward} != {expected} ({reward_rule})")
         _require(
             truncated == (info["finish_reason"] == "max_turns"),
             f"{where}: truncated iff finish_reason == 'max_turns'",
@@ -280,7 +288,8 @@ def _check_step(result: Any, where: str) -> tuple:
             obs == info["messages"][-1]["content"],
             f"{where}: obs must be the text of the last new message",
         )
-        _require(reward == 0.0, f"{where}: reward is given at the end only")
+        expected = step_reward(rubric, None, info["rewards"])
+        _require(reward == expected, f"{where}: reward {reward} != {expected} ({reward_rule})")
     return obs, reward, terminated, truncated, info
 
 
@@ -291,7 +300,9 @@ def _check_episode(env: gymnasium.Env, seed: int, actions: list[str]) -> None:
     for turn, action in enumerate(
         actions + [VOID_ACTION] * max(0, max_turns - len(actions)), start=1
     ):
-        *_, terminated, truncated, info = _check_step(env.step(action), f"step {turn}")
+        *_, terminated, truncated, info = _check_step(
+            env.step(action), f"step {turn}", getattr(env, "rubric", None)
+        )
         _require(info["turn"] == turn, f"step {turn}: info['turn'] is {info['turn']}")
         tool_calls += len(info["tool_results"])
         _require(

@@ -33,6 +33,7 @@ from gymnasium import spaces
 from .datasets import DatasetError, Problem, load_dataset, problem_from_record
 from .grading import DEFAULT_TIMEOUT_S, EXTRACTIONS, Grade, grade
 from .prompts import DEFAULT_QUESTION_TEMPLATE, Message, build_messages
+from .rewards import RewardInput, Rubric, step_reward
 from .text import did_you_mean
 
 FINISH_REASONS: tuple[str, ...] = (
@@ -51,6 +52,7 @@ INFO_KEYS: tuple[str, ...] = (
     "turn",
     "tool_calls",
     "tool_results",
+    "rewards",
 )
 
 
@@ -125,6 +127,10 @@ class TextEnv(gymnasium.Env):
         grade_timeout_s: hard limit for one verification (exceeded -> unverifiable).
         max_tool_errors: end the episode with ``finish_reason="tool_error"`` after this many
             consecutive failed tool calls (None: never).
+        rubric: weighted reward functions (:class:`envs.Rubric`) scored after every step; the
+            step reward is their weighted sum and ``info["rewards"]`` their values. None: the
+            class attribute ``rubric``; when that is None too, the reward is the grade's score
+            at the end (1.0 iff correct), the paper's binary outcome reward.
         render_mode: None or "ansi" (``render()`` returns the transcript).
     """
 
@@ -133,6 +139,8 @@ class TextEnv(gymnasium.Env):
     default_instruction: str | None = None
     #: Used when ``max_turns`` is not passed.
     default_max_turns: int = 1
+    #: Used when ``rubric`` is not passed (None: the binary outcome reward).
+    rubric: Rubric | None = None
 
     def __init__(
         self,
@@ -152,6 +160,7 @@ class TextEnv(gymnasium.Env):
         answer_extraction: str = "boxed",
         grade_timeout_s: float = DEFAULT_TIMEOUT_S,
         max_tool_errors: int | None = None,
+        rubric: Rubric | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -187,6 +196,10 @@ class TextEnv(gymnasium.Env):
         self.answer_extraction = answer_extraction
         self.grade_timeout_s = grade_timeout_s
         self.max_tool_errors = max_tool_errors
+        rubric = type(self).rubric if rubric is None else rubric
+        if rubric is not None and not isinstance(rubric, Rubric):
+            raise TypeError(f"rubric must be an envs.Rubric or None, got {type(rubric).__name__}")
+        self.rubric = rubric
         if one_shot is True:
             self.one_shot: list[Message] = self.default_one_shot()
         elif not one_shot:
@@ -203,6 +216,8 @@ class TextEnv(gymnasium.Env):
         self.tool_calls = 0
         self.finish_reason: str | None = None
         self._consecutive_tool_errors = 0
+        self._actions: list[str] = []
+        self._turn_tool_results: list[tuple[dict[str, Any], ...]] = []
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -264,10 +279,12 @@ class TextEnv(gymnasium.Env):
         self.tool_calls = 0
         self.finish_reason = None
         self._consecutive_tool_errors = 0
+        self._actions = []
+        self._turn_tool_results = []
         self.transcript = [dict(m) for m in self.initial_messages(self.problem)]
         if not self.transcript:
             raise RuntimeError(f"{type(self).__name__}.initial_messages returned no messages")
-        info = self._info(copy.deepcopy(self.transcript), None, [])
+        info = self._info(copy.deepcopy(self.transcript), None, [], {})
         return self.transcript[-1]["content"], info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -291,6 +308,8 @@ class TextEnv(gymnasium.Env):
         self.transcript.append({"role": "assistant", "content": action})
         outcome = self.take_turn(action)
         self.tool_calls += len(outcome.tool_results)
+        self._actions.append(action)
+        self._turn_tool_results.append(tuple(copy.deepcopy(list(outcome.tool_results))))
         self._consecutive_tool_errors = (
             self._consecutive_tool_errors + 1 if outcome.tool_error else 0
         )
@@ -319,9 +338,10 @@ class TextEnv(gymnasium.Env):
         self.transcript.extend(copy.deepcopy(messages))
         if finish is not None:
             self.end_episode()
-        reward = result_grade.reward if result_grade is not None else 0.0
+        values = self._score_step(action, result_grade)
+        reward = step_reward(self.rubric, result_grade, values)
         obs = messages[-1]["content"] if messages else ""
-        info = self._info(messages, result_grade, outcome.tool_results)
+        info = self._info(messages, result_grade, outcome.tool_results, values)
         return obs, float(reward), finish is not None and not truncated, truncated, info
 
     def render(self) -> str | None:
@@ -345,6 +365,25 @@ class TextEnv(gymnasium.Env):
         """An observation message with this env's observation role."""
         return {"role": self.observation_role, "content": content}
 
+    def _score_step(self, action: str, result_grade: Grade | None) -> dict[str, float]:
+        """The rubric's values for the step just taken ({} without a rubric)."""
+        if self.rubric is None:
+            return {}
+        assert self.problem is not None
+        return self.rubric.score(
+            RewardInput(
+                problem=self.problem,
+                turn=self.turn - 1,
+                action=action,
+                tool_results=self._turn_tool_results[-1],
+                actions=tuple(self._actions),
+                turn_tool_results=tuple(self._turn_tool_results),
+                messages=tuple(copy.deepcopy(self.transcript)),
+                finish_reason=self.finish_reason,
+                grade=result_grade,
+            )
+        )
+
     def _final_grade(self, finish: str, answer_text: str | None) -> Grade:
         assert self.problem is not None
         if finish == "answer" and answer_text is not None:
@@ -352,7 +391,11 @@ class TextEnv(gymnasium.Env):
         return Grade("wrong", None, self.problem.answer, f"no answer ({finish})")
 
     def _info(
-        self, messages: list[Message], result_grade: Grade | None, tool_results: list[dict]
+        self,
+        messages: list[Message],
+        result_grade: Grade | None,
+        tool_results: list[dict],
+        rewards: dict[str, float],
     ) -> dict[str, Any]:
         assert self.problem is not None
         return {
@@ -364,6 +407,7 @@ class TextEnv(gymnasium.Env):
             "turn": self.turn,
             "tool_calls": self.tool_calls,
             "tool_results": copy.deepcopy(list(tool_results)),
+            "rewards": dict(rewards),
         }
 
     def _choose_problem(self, options: dict[str, Any]) -> Problem:

@@ -57,12 +57,37 @@ class Grade:
         reference: the reference answer.
         detail: why (``"exact match"``, ``"math-verify"``, ``"no \\\\boxed{} answer"``,
             ``"verifier timed out after 5.0 s"``...).
+        score: credit in [0, 1]. Left out it is 1.0 for ``correct`` and 0.0 otherwise, the
+            binary reward of the authors' release, so every shipped grader keeps that reward; a
+            grader that gives partial credit (3 of 4 parts right: ``Grade("wrong", ...,
+            score=0.75)``) sets it. ``status`` stays what evaluation counts as accuracy. An
+            ``unverifiable`` grade must score 0.0: nobody knows, and the learner drops it.
+
+    >>> Grade("correct", "7", "7").score, Grade("wrong", "6", "7").score
+    (1.0, 0.0)
+    >>> Grade("wrong", "6, 7", "6, 7, 8", "2 of 3 parts", score=2 / 3).reward
+    0.6666666666666666
     """
 
     status: GradeStatus
     extracted: str | None
     reference: str
     detail: str = ""
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in ("correct", "wrong", "unverifiable"):
+            raise ValueError(
+                f"Grade status must be correct, wrong or unverifiable, got {self.status!r}"
+            )
+        score = default_score(self.status) if self.score is None else self.score
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise TypeError(f"Grade score must be a float in [0, 1], got {score!r}")
+        if not 0.0 <= score <= 1.0:  # also rejects NaN
+            raise ValueError(f"Grade score must be in [0, 1], got {score!r}")
+        if self.status == "unverifiable" and score != 0.0:
+            raise ValueError(f"an unverifiable Grade scores 0.0, got score={score!r}")
+        object.__setattr__(self, "score", float(score))
 
     @property
     def correct(self) -> bool:
@@ -70,8 +95,10 @@ class Grade:
 
     @property
     def reward(self) -> float:
-        """1.0 iff correct (the binary reward of the authors' release; docs/environments.md)."""
-        return 1.0 if self.status == "correct" else 0.0
+        """The outcome reward: ``score`` (1.0 iff correct unless the grader gave partial credit;
+        docs/environments.md)."""
+        assert self.score is not None  # set by __post_init__
+        return self.score
 
     def to_dict(self) -> dict:
         return {
@@ -79,7 +106,13 @@ class Grade:
             "extracted": self.extracted,
             "reference": self.reference,
             "detail": self.detail,
+            "score": self.score,
         }
+
+
+def default_score(status: str) -> float:
+    """The score of a grade that sets none: 1.0 iff correct (the paper's binary reward)."""
+    return 1.0 if status == "correct" else 0.0
 
 
 # ----------------------------------------------------------------------------- extraction

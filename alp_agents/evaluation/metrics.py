@@ -288,7 +288,10 @@ def episode_statistics(records: Sequence[dict]) -> dict[str, float]:
     ``env/void_episode_ratio`` (`alp_agents.rollout.stats.episode_stats`), except that an
     undefined ratio is NaN here (a report says n/a) and 0.0 in a training log (plots need numbers).
     * ``unverifiable_rate``: fraction of samples whose grade could not be decided;
-    * ``finish_reason/<reason>``: fraction of episodes that ended that way.
+    * ``finish_reason/<reason>``: fraction of episodes that ended that way;
+    * for an env with a rubric (records with ``rewards``): ``reward/mean``, the mean episode
+      reward, and ``reward/<name>``, the mean of each reward function's value (an episode where
+      it was never scored counts 0.0), as in training's log.
     """
     count = len(records)
     if not count:
@@ -311,6 +314,19 @@ def episode_statistics(records: Sequence[dict]) -> dict[str, float]:
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason in sorted(reasons):
         stats[f"finish_reason/{reason}"] = reasons[reason] / count
+    stats.update(rubric_statistics(records))
+    return stats
+
+
+def rubric_statistics(records: Sequence[dict]) -> dict[str, float]:
+    """``reward/mean`` and ``reward/<name>`` over records whose env has a rubric ({} otherwise)."""
+    values = [r.get("rewards") or {} for r in records]
+    names = list(dict.fromkeys(name for v in values for name in v))
+    if not names:
+        return {}
+    stats = {"reward/mean": sum(float(r.get("reward", 0.0)) for r in records) / len(records)}
+    for name in names:
+        stats[f"reward/{name}"] = sum(float(v.get(name, 0.0)) for v in values) / len(records)
     return stats
 
 

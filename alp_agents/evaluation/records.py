@@ -47,6 +47,8 @@ def sample_record(problem: Any, sample_index: int, trajectory: Trajectory) -> di
     ``tool_results`` lists every tool call (code or arguments, status, the observation the model
     saw, stdout / stderr clipped to `TOOL_TEXT_CHARS`), including a final call whose output held
     the answer and so produced no observation message; ``turn`` there is the env's 1-based turn.
+    ``score`` is the grade's credit in [0, 1] (None without a grade) and ``rewards`` the env's
+    rubric values summed over the episode by name (``{}`` for an env without a rubric).
     """
     messages = list(trajectory.messages)
     initial = trajectory.metrics.get("initial_messages")
@@ -67,6 +69,8 @@ def sample_record(problem: Any, sample_index: int, trajectory: Trajectory) -> di
         "grade": sample_grade(trajectory.grade_status, trajectory.finish_reason),
         "grade_detail": None if grade is None else grade.detail,
         "reward": float(trajectory.reward),
+        "score": None if grade is None else grade.score,
+        "rewards": trajectory.reward_components,
         "finish_reason": trajectory.finish_reason,
         "num_turns": int(trajectory.num_turns),
         "num_tool_calls": int(trajectory.num_tool_calls),

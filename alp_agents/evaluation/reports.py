@@ -112,6 +112,10 @@ def markdown_report(result: EvalResult, cfg: EvalConfig, elapsed_s: float | None
         "unverifiable_rate",
     ):
         lines.append(f"| {name} (%) | {_fmt(m.get(name))} |")
+    rewards = [key for key in m if key.startswith("reward/")]
+    if rewards:
+        lines += ["", "## Rewards (rubric)", "", "| reward | mean |", "|---|---|"]
+        lines += [f"| {key.split('/', 1)[1]} | {m[key]:.3f} |" for key in rewards]
     reasons = sorted(key for key in m if key.startswith("finish_reason/"))
     if reasons:
         lines += ["", "## Finish reasons", "", "| reason | episodes (%) |", "|---|---|"]

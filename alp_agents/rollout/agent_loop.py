@@ -36,7 +36,9 @@ exceptions become ``sandbox_error`` episodes with an ``unverifiable`` grade and 
 What the env did is recorded on the trajectory as it happens: one `StepRecord` per turn with
 the action text, the tool calls and their results (`ToolCallRecord`, normalised from the env's
 ``info["tool_results"]`` by `alp_agents.rollout.trajectory.tool_call_record`, the one place that
-knows PythonToolEnv's and ToolEnv's keys), the observation messages and the final grade. Readers
+knows PythonToolEnv's and ToolEnv's keys), the observation messages, the step's reward with the
+env's rubric values (``info["rewards"]``) and the final grade; the trajectory's ``reward`` is the
+sum of its steps' rewards (the binary grade at the end for an env without a rubric). Readers
 (evaluation's sample records, `alp_agents.rollout.stats.episode_stats`) take it from there.
 
 Example::
@@ -517,9 +519,11 @@ def _apply_step(
     if status == "error":
         log.warning("episode %d (%s): env.step raised %s", ep.index, ep.problem_id, payload)
         ep.metrics["error"] = payload
-        ep.finish_reason, ep.grade_status, ep.reward = "sandbox_error", "unverifiable", 0.0
+        ep.finish_reason, ep.grade_status = "sandbox_error", "unverifiable"
         ep.steps.append(
-            StepRecord(turn=ep.turn, action=text, finish_reason="sandbox_error", error=payload)
+            StepRecord(
+                turn=ep.turn, action=text, finish_reason="sandbox_error", error=payload, reward=0.0
+            )
         )
         return
     _, reward, _, _, info = payload
@@ -528,9 +532,11 @@ def _apply_step(
         action=text,
         tool_calls=[tool_call_record(r) for r in info.get("tool_results") or []],
         finish_reason=info.get("finish_reason"),
+        reward=float(reward),
+        rewards={str(name): float(value) for name, value in (info.get("rewards") or {}).items()},
     )
     ep.steps.append(step)
-    ep.reward = float(reward)
+    ep.reward += float(reward)  # the return: per-turn rewards add up (0.0 until the end by default)
     ep.num_tool_calls = int(info.get("tool_calls", ep.num_tool_calls) or 0)
     grade = info.get("grade")
     if grade is not None:

@@ -18,7 +18,10 @@ So the context the engine saw at turn ``k`` is ``prompt_ids + response_ids[:turn
 
 Besides tokens, a trajectory keeps what happened in each env step as typed records
 (``steps``: one `StepRecord` per assistant turn with the action text, the tool calls and their
-results as `ToolCallRecord`, the observation messages and, on the last step, the `GradeRecord`).
+results as `ToolCallRecord`, the observation messages, the step's reward with its rubric values
+by name, and, on the last step, the `GradeRecord`). ``reward`` is the episode's return, the sum
+of its steps' rewards (`Trajectory.turn_rewards` are the per-turn terms, for credit assignment;
+`Trajectory.reward_components` the rubric's values summed over the episode, by name).
 The rollout fills them from ``env.step``'s info in one place (`tool_call_record` and `grade_record`, called by the agent loop), so that
 evaluation, the learner's statistics and a human reading a JSONL file all read the same typed
 data, and nothing needs to wrap an env to see its infos.
@@ -104,12 +107,16 @@ class ToolCallRecord:
 
 @dataclass
 class GradeRecord:
-    """How the episode's answer was graded (the env's `envs.Grade`, as plain data)."""
+    """How the episode's answer was graded (the env's `envs.Grade`, as plain data).
+
+    ``score`` is the grade's credit in [0, 1] (None in records saved before grades had one).
+    """
 
     status: str
     extracted: str | None = None
     reference: str | None = None
     detail: str = ""
+    score: float | None = None
 
 
 @dataclass
@@ -125,6 +132,10 @@ class StepRecord:
         finish_reason: the env's verdict when the episode ended at this step, else None.
         grade: the grade, on the step that ended a graded episode.
         error: the traceback when ``env.step`` raised (a ``sandbox_error`` episode).
+        reward: the reward ``env.step`` returned for this turn (0.0 when it raised; None in
+            records saved before per-turn rewards were kept).
+        rewards: the env's rubric values for this turn (``info["rewards"]``), unweighted, by
+            name; empty for an env without a rubric.
     """
 
     turn: int
@@ -134,6 +145,8 @@ class StepRecord:
     finish_reason: str | None = None
     grade: GradeRecord | None = None
     error: str | None = None
+    reward: float | None = None
+    rewards: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepRecord:
@@ -170,13 +183,14 @@ def tool_call_record(result: dict[str, Any]) -> ToolCallRecord:
 
 
 def grade_record(grade: Any) -> GradeRecord:
-    """An `envs.Grade` (status, extracted, reference, detail) as a `GradeRecord`."""
+    """An `envs.Grade` (status, extracted, reference, detail, score) as a `GradeRecord`."""
     reference = getattr(grade, "reference", None)
     return GradeRecord(
         status=str(grade.status),
         extracted=grade.extracted,
         reference=None if reference is None else str(reference),
         detail=str(grade.detail or ""),
+        score=float(grade.score),
     )
 
 
@@ -212,6 +226,22 @@ class Trajectory:
     def grade(self) -> GradeRecord | None:
         """The grade with its details (extracted answer, detail); None if never graded."""
         return next((s.grade for s in reversed(self.steps) if s.grade is not None), None)
+
+    @property
+    def turn_rewards(self) -> list[float]:
+        """The reward of each turn, in order (what credit assignment distributes); 0.0 for a
+        step recorded without one. Their sum is ``reward`` (checked by `validate`)."""
+        return [0.0 if s.reward is None else float(s.reward) for s in self.steps]
+
+    @property
+    def reward_components(self) -> dict[str, float]:
+        """The env's rubric values summed over the episode's steps, by name ({} without a
+        rubric): ``reward == sum(weight * value)`` over them."""
+        out: dict[str, float] = {}
+        for step in self.steps:
+            for name, value in step.rewards.items():
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
 
     @property
     def tool_calls(self) -> list[ToolCallRecord]:
@@ -307,6 +337,30 @@ class Trajectory:
                 fail("steps numbered 0, 1, ...", f"turns {[s.turn for s in self.steps]}")
             if len(self.steps) != self.num_turns:
                 fail("one step per turn", f"{len(self.steps)} steps, num_turns={self.num_turns}")
+            self._validate_step_rewards(fail)
+
+    def _validate_step_rewards(self, fail: Any) -> None:
+        """Per-turn rewards are finite floats, rubric values finite floats by name, a grade's
+        score in [0, 1], and the turn rewards add up to ``reward`` when every step has one."""
+        for step in self.steps:
+            if step.reward is not None and (
+                not isinstance(step.reward, float) or not math.isfinite(step.reward)
+            ):
+                fail("step rewards are finite floats", f"step {step.turn} reward={step.reward!r}")
+            for name, value in step.rewards.items():
+                if not isinstance(name, str) or not isinstance(value, float):
+                    fail("rubric values are floats by name", f"step {step.turn} {name!r}={value!r}")
+                if not math.isfinite(value):
+                    fail("rubric values finite", f"step {step.turn} {name!r}={value!r}")
+            score = None if step.grade is None else step.grade.score
+            if score is not None and not 0.0 <= score <= 1.0:
+                fail("grade score in [0, 1]", f"step {step.turn} score={score!r}")
+        if all(step.reward is not None for step in self.steps):
+            total = math.fsum(self.turn_rewards)
+            if not math.isclose(total, self.reward, rel_tol=1e-9, abs_tol=1e-9):
+                fail(
+                    "reward is the sum of the turn rewards", f"{total!r} != reward={self.reward!r}"
+                )
 
     def _validate_turn_structure(self, fail: Any) -> None:
         """Turns are numbered 0, 1, ... contiguously; each is its sampled tokens (mask 1, at

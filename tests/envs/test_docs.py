@@ -22,6 +22,7 @@ MODULES = [
     "envs.prompts",
     "envs.python_tool_env",
     "envs.registration",
+    "envs.rewards",
     "envs.text",
     "envs.tools",
 ]
@@ -51,3 +52,15 @@ def test_environments_guide_examples_run(monkeypatch):
             compile(block, "<docs/environments.md>", "exec", dont_inherit=True), namespace
         )  # our own docs
     sys.modules.pop("unit_converter_env", None)
+
+
+def test_tutorial_grading_hook_is_the_example_code_verbatim():
+    """The tutorial shows the real grade_answer (not `...`), so the two cannot drift apart."""
+    example = ROOT / "docs" / "examples" / "unit_converter"
+    readme = (example / "README.md").read_text()
+    [block] = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "def grade_answer" in b
+    ]
+    method = block[block.index("    def grade_answer") :]
+    assert "..." not in method and "envs.extract_boxed" in method and "envs.Grade(" in method
+    assert method in (example / "unit_converter_env.py").read_text()

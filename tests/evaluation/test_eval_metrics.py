@@ -7,6 +7,7 @@ from itertools import combinations
 
 import pytest
 
+import envs
 from alp_agents.evaluation.metrics import (
     avg_at_n,
     bootstrap_ci,
@@ -191,3 +192,44 @@ def test_summarize_rejects_k_above_n_and_missing_samples():
         summarize(records, n=2, k=4)
     with pytest.raises(ValueError, match="has 2 samples, expected n=3"):
         summarize(records, n=3)
+
+
+def test_rubric_rewards_are_averaged_per_function_only_when_present():
+    from alp_agents.evaluation.metrics import episode_statistics
+
+    plain = [_record("a", 0, "correct", reward=1.0), _record("a", 1, "wrong", reward=0.0)]
+    assert not [key for key in episode_statistics(plain) if key.startswith("reward/")]
+    scored = [
+        _record("a", 0, "correct", reward=1.25, rewards={"correctness": 1.0, "format": 1.0}),
+        _record("a", 1, "wrong", reward=0.25, rewards={"correctness": 0.0, "format": 1.0}),
+        _record("b", 0, "wrong", reward=0.0, rewards={}),  # cut short: never scored
+        _record("b", 1, "wrong", reward=0.0),  # a record written before rubrics existed
+    ]
+    stats = episode_statistics(scored)
+    assert stats["reward/mean"] == pytest.approx(1.5 / 4)
+    assert stats["reward/correctness"] == pytest.approx(1 / 4)
+    assert stats["reward/format"] == pytest.approx(2 / 4)
+
+
+def test_sample_record_carries_the_score_and_rubric_values():
+    from alp_agents.evaluation.records import sample_record
+    from alp_agents.rollout.trajectory import GradeRecord, StepRecord, Trajectory
+
+    problem = envs.Problem("p", "What is 2 + 3?", "5", "toy")
+    steps = [
+        StepRecord(turn=0, action="call", reward=0.5, rewards={"tool_use": 1.0}),
+        StepRecord(
+            turn=1, action="\\boxed{5}", finish_reason="answer", reward=1.0,
+            rewards={"correctness": 1.0, "tool_use": 0.0},
+            grade=GradeRecord("correct", "5", "5", "exact match", score=1.0),
+        ),
+    ]  # fmt: skip
+    trajectory = Trajectory(
+        prompt_ids=[1], response_ids=[7, 0, 8, 0], loss_mask=[1, 0, 1, 0],
+        infer_logprobs=[-0.5, 0.0, -0.5, 0.0], turn_index=[0, 0, 1, 1], reward=1.5,
+        grade_status="correct", finish_reason="answer", num_turns=2, problem_id="p", steps=steps,
+    )  # fmt: skip
+    trajectory.validate()
+    record = sample_record(problem, 0, trajectory)
+    assert record["reward"] == 1.5 and record["score"] == 1.0
+    assert record["rewards"] == {"tool_use": 1.0, "correctness": 1.0}

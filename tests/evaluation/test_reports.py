@@ -41,6 +41,20 @@ def test_reports_written_and_consistent(tmp_path):
     assert "90% CI" in md and "## By source" in md
     png = files["pass_at_k_png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "## Rewards" not in md  # no rubric, no table
+
+
+def test_report_lists_rubric_rewards(tmp_path):
+    records = _records()
+    for record, value in zip(records, [1.0, 0.0, 0.0, 0.0], strict=True):
+        record.update(reward=value + 0.25, rewards={"correctness": value, "format": 1.0})
+    result = _result_from_records(records, n=2, k=2, confidence=0.9, bootstrap_resamples=50, seed=0)
+    md = write_reports(tmp_path, result, EvalConfig(dataset="arith", split="test", k=2))[
+        "report_md"
+    ].read_text()
+    assert "## Rewards (rubric)" in md
+    assert "| mean | 0.500 |" in md  # (1.25 + 3 * 0.25) / 4
+    assert "| correctness | 0.250 |" in md and "| format | 1.000 |" in md
 
 
 def test_load_records_drops_a_torn_last_line_and_repairs_the_file(tmp_path):

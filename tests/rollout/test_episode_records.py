@@ -67,3 +67,80 @@ def test_episode_stats_values_with_known_failing_tool_calls(scripted_run):
     assert stats["env/code_use_ratio"] == pytest.approx(1 / 2)
     assert stats["env/turns_mean"] == pytest.approx(2.0)
     assert stats["finish/answer"] == stats["finish/void_turn"] == pytest.approx(1 / 2)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def test_default_rewards_are_unchanged_binary_and_at_the_end(scripted_run, tokenizer):
+    _, (worked, void) = scripted_run
+    # No rubric: every step's reward is 0.0 (the arith answer is not 4), no rubric values.
+    assert [s.reward for s in worked.steps] == [0.0, 0.0, 0.0] and worked.reward == 0.0
+    assert [s.rewards for s in worked.steps + void.steps] == [{}, {}, {}, {}]
+    assert worked.grade.score == 0.0
+    engine = ProtocolEngine(tokenizer, [["\\boxed{204}"], ["\\boxed{24}"]])
+    right, wrong = run_episodes(
+        "alp/Math-v0", engine, tokenizer, ["aime2024-I-1", "aime2024-I-2"], group_size=1,
+        sampling=SamplingParams(max_tokens=16), progress=False, seed=0,
+        env_kwargs={"dataset": "aime24"},
+    )  # fmt: skip
+    assert (right.reward, right.turn_rewards, right.grade.score) == (1.0, [1.0], 1.0)
+    assert (wrong.reward, wrong.turn_rewards, wrong.grade.score) == (0.0, [0.0], 0.0)
+    assert right.reward_components == {} == wrong.reward_components
+    stats = episode_stats([right, wrong])
+    assert stats["reward/mean"] == 0.5
+    assert [k for k in stats if k.startswith("reward/")] == ["reward/mean"]
+
+
+RUBRIC = envs.Rubric(
+    [
+        envs.rewards.correctness(),
+        envs.rewards.answer_format(weight=0.25),
+        envs.rewards.tool_use(weight=0.5),
+        envs.rewards.length(target_chars=50, weight=0.5),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def rubric_run(tokenizer):
+    engine = ProtocolEngine(tokenizer, [list(s) for s in SCRIPTS])
+    return run_episodes(
+        "alp/PythonTool-v0", engine, tokenizer, envs.load_dataset("arith", split="train")[:2],
+        group_size=1, sampling=SamplingParams(max_tokens=64), max_turns=4, progress=False,
+        seed=5, env_kwargs={"dataset": "arith", "split": "train", "rubric": RUBRIC},
+    )  # fmt: skip
+
+
+def test_rubric_values_are_recorded_per_turn(rubric_run):
+    worked, void = rubric_run
+    # Turn 0: the call raised (tool_use 0); turn 1: it ran (0.5 * 1); turn 2: a wrong boxed
+    # answer: format 1, correctness 0, and 43 + 27 + 24 = 94 chars, 44 over 50: length -0.88.
+    assert [s.rewards for s in worked.steps[:2]] == [{"tool_use": 0.0}, {"tool_use": 1.0}]
+    assert worked.steps[2].rewards == {
+        "correctness": 0.0,
+        "format": 1.0,
+        "tool_use": 0.0,
+        "length": pytest.approx(-0.88),
+    }
+    assert worked.turn_rewards == [0.0, 0.5, pytest.approx(0.25 * 1.0 + 0.5 * -0.88)]
+    assert worked.reward == pytest.approx(0.5 + 0.25 - 0.44)  # 0.31, the sum of the turns
+    # The void turn (25 chars): nothing earned.
+    assert void.steps[0].rewards == {
+        "correctness": 0.0,
+        "format": 0.0,
+        "tool_use": 0.0,
+        "length": 0.0,
+    }
+    assert void.reward == 0.0
+
+
+def test_episode_stats_log_each_reward_function(rubric_run):
+    stats = episode_stats(rubric_run)
+    assert stats["reward/mean"] == pytest.approx(0.31 / 2)
+    assert stats["reward/correctness"] == 0.0
+    assert stats["reward/format"] == 0.5
+    assert stats["reward/tool_use"] == 0.5
+    assert stats["reward/length"] == pytest.approx(-0.44)
+    weighted = sum(RUBRIC.weights[n] * stats[f"reward/{n}"] for n in RUBRIC.weights)
+    assert weighted == pytest.approx(stats["reward/mean"])

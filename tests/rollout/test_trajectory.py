@@ -163,6 +163,60 @@ def test_step_records_are_validated_against_turns():
         two_turn(steps=shuffled).validate()
 
 
+def rewarded_steps() -> list[StepRecord]:
+    """`two_steps` from an env with a rubric: tool_use 0.0 then, at the end, correctness 1.0,
+    format 1.0 and length -0.5 (weights 1, 0.25, 0.5: 1.0 + 0.25 - 0.25 = 1.0)."""
+    first, last = two_steps()
+    first.reward, first.rewards = 0.0, {"tool_use": 0.0}
+    last.reward = 1.0
+    last.rewards = {"correctness": 1.0, "format": 1.0, "tool_use": 0.0, "length": -0.5}
+    last.grade.score = 1.0
+    return [first, last]
+
+
+def test_per_turn_rewards_and_rubric_values_are_derived_from_the_steps():
+    t = two_turn(steps=rewarded_steps())
+    t.validate()
+    assert t.turn_rewards == [0.0, 1.0]
+    assert t.reward_components == {
+        "tool_use": 0.0,
+        "correctness": 1.0,
+        "format": 1.0,
+        "length": -0.5,
+    }
+    # Records saved before per-turn rewards (reward None) still validate; their turns read 0.0.
+    old = two_turn(steps=two_steps())
+    old.validate()
+    assert old.turn_rewards == [0.0, 0.0] and old.reward_components == {}
+
+
+def test_per_turn_rewards_are_validated():
+    def with_steps(edit) -> Trajectory:
+        steps = rewarded_steps()
+        edit(steps)
+        return two_turn(steps=steps)
+
+    with pytest.raises(TrajectoryError, match="reward is the sum of the turn rewards"):
+        two_turn(steps=rewarded_steps(), reward=0.5).validate()
+    with pytest.raises(TrajectoryError, match="step rewards are finite floats"):
+        with_steps(lambda s: setattr(s[0], "reward", math.nan)).validate()
+    with pytest.raises(TrajectoryError, match="step rewards are finite floats"):
+        with_steps(lambda s: setattr(s[0], "reward", "0")).validate()
+    with pytest.raises(TrajectoryError, match="rubric values are floats by name"):
+        with_steps(lambda s: s[0].rewards.update(tool_use=1)).validate()
+    with pytest.raises(TrajectoryError, match="rubric values finite"):
+        with_steps(lambda s: s[0].rewards.update(tool_use=math.inf)).validate()
+    with pytest.raises(TrajectoryError, match=r"grade score in \[0, 1\]"):
+        with_steps(lambda s: setattr(s[1].grade, "score", 1.5)).validate()
+
+
+def test_rewarded_steps_round_trip_through_jsonl(tmp_path):
+    t = two_turn(steps=rewarded_steps())
+    [loaded] = load_jsonl(save_jsonl(tmp_path / "t.jsonl", [t]))
+    assert loaded == t and loaded.steps[1].rewards["length"] == -0.5
+    assert loaded.grade.score == 1.0
+
+
 def test_tool_results_of_both_envs_become_the_same_record():
     python = tool_call_record(
         {"name": "python", "code": "1/0", "observation": "Error", "stdout": "",
