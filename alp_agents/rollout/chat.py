@@ -147,7 +147,8 @@ class ChatDelta:
         """
         probe = f"<think>\n{REASONING_PLACEHOLDER}\n</think>\n\n{PLACEHOLDER}"
         messages = [*self.initial_messages, {"role": "assistant", "content": probe}]
-        return probe not in render(self.tokenizer, [*messages, *new_messages], True)
+        full = render(self.tokenizer, [*messages, *new_messages], generation_prompt=True)
+        return probe not in full
 
     @cached_property
     def _history_text(self) -> str:
