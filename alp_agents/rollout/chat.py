@@ -57,7 +57,8 @@ REASONING_PLACEHOLDER = "\u2063ALP-REASONING-PLACEHOLDER\u2063"
 
 
 class ChatTemplateError(ValueError):
-    """The chat template does not render conversations as a growing prefix."""
+    """The chat template does not render conversations as a growing prefix outside the model's
+    own turns (which it may rewrite: see the module docstring)."""
 
 
 def render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
