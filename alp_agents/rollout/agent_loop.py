@@ -23,7 +23,9 @@ Token-in, token-out (the invariant that keeps importance ratios honest):
   token;
 * the observation tokens are the exact delta the template adds for the env's new messages plus
   the next generation prompt, computed against a fixed base conversation (mask 0). The env gets
-  the decoded TEXT of the sampled ids (for the env only; those ids are never re-encoded).
+  the decoded TEXT of the sampled ids (for the env only; those ids are never re-encoded). A
+  template that rewrites earlier assistant turns (Qwen3 drops their ``<think>`` blocks) changes
+  nothing here: every turn stays as sampled, reasoning included (a one-time warning says so).
 
 Budgets are counted in policy tokens: every turn may sample at most ``sampling.max_tokens`` and
 the whole episode (prompt + response) fits in ``max_context_tokens``; each observation message's
@@ -565,6 +567,7 @@ def _apply_step(
     step.observation = [dict(m) for m in new_messages]
     ep.messages.extend(new_messages)
     observation = ep.delta.observation_ids(new_messages)
+    _note_history_rewrite(ep.delta, new_messages)
     if len(ep.context) + len(observation) + len(ep.delta.closing_ids) + 1 > max_context_tokens:
         # No room for the observation and one more sampled token: the episode is cut here. The
         # model's last turn is kept (and was given to the env); only template tokens are missing.
@@ -577,6 +580,30 @@ def _apply_step(
         ep.metrics["truncated_turns"] = ep.metrics.get("truncated_turns", 0) + 1
     ep.turn += 1
     ep.turn_sampled = []
+
+
+_HISTORY_NOTED: set[tuple[str, tuple[str, ...]]] = set()
+"""(chat template, observation roles) pairs already checked by `_note_history_rewrite`."""
+
+
+def _note_history_rewrite(delta: ChatDelta, new_messages: Sequence[dict[str, Any]]) -> None:
+    """Warn once per process, template and observation roles, when the template would rewrite
+    the earlier assistant turn (Qwen3: drop its ``<think>`` block). The rollout keeps the turn as
+    sampled either way; the warning is about deployment, where the stock template would not
+    show the model its earlier reasoning (docs/rollout.md, "Thinking models")."""
+    roles = tuple(str(m.get("role")) for m in new_messages)
+    key = (str(delta.tokenizer.chat_template), roles)
+    if key in _HISTORY_NOTED:
+        return
+    _HISTORY_NOTED.add(key)
+    if delta.rewrites_history(new_messages):
+        log.warning(
+            "the chat template rewrites an assistant turn once %s message(s) follow it (e.g. "
+            "drops its <think> block); the rollout keeps every turn as sampled, reasoning "
+            "included, so training contexts hold earlier reasoning that this template would "
+            "not show the model at deployment (docs/rollout.md, 'Thinking models')",
+            "/".join(roles),
+        )
 
 
 def _close_env(env: Any) -> None:

@@ -19,6 +19,18 @@ Every rendered string is tokenised with ``add_special_tokens=False``, as ``apply
 does; a delta always starts right after a template-written end of turn, so its tokenisation does
 not depend on what precedes it.
 
+Templates that rewrite history. Some templates render an assistant turn differently once more
+messages follow it: Qwen3's drops the ``<think>...</think>`` block of every assistant turn before
+the last user message (and gives a final assistant turn without reasoning an empty think block).
+Re-rendering such a conversation each turn would not extend the previous context. The deltas
+never need that re-rendering: the model's turns are kept as sampled, reasoning included, and
+only the template's text AROUND them is taken from the template. So a template may rewrite the
+inside of earlier assistant turns (header, reasoning, content); what must stay append-only is
+everything else: the messages before the turn, where the turn ends, and the new messages. A
+template that changes those gets a `ChatTemplateError` naming which. The trade-off (the model
+keeps seeing its earlier reasoning, which the stock template would drop at deployment) is
+`ChatDelta.rewrites_history` and docs/rollout.md, "Thinking models".
+
 Example::
 
     >>> from alp_agents.models import load_tokenizer
@@ -32,15 +44,21 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 PLACEHOLDER = "\u2063ALP-ASSISTANT-PLACEHOLDER\u2063"
 """Content of the base conversation's assistant turn; never appears in real text."""
 
+REASONING_PLACEHOLDER = "\u2063ALP-REASONING-PLACEHOLDER\u2063"
+"""Reasoning of the probe turn that `ChatDelta.rewrites_history` looks for."""
+
 
 class ChatTemplateError(ValueError):
-    """The chat template does not render conversations as a growing prefix."""
+    """The chat template does not render conversations as a growing prefix outside the model's
+    own turns (which it may rewrite: see the module docstring)."""
 
 
 def render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
@@ -71,17 +89,17 @@ class ChatDelta:
             raise ChatTemplateError("the tokenizer has no chat_template; set one before rollout")
         self.tokenizer = tokenizer
         self.initial_messages = [dict(m) for m in initial_messages]
-        prompt_text = render(tokenizer, self.initial_messages, generation_prompt=True)
-        self.prompt_ids = encode(tokenizer, prompt_text)
+        self._prompt_text = render(tokenizer, self.initial_messages, generation_prompt=True)
+        self.prompt_ids = encode(tokenizer, self._prompt_text)
         self._base = [*self.initial_messages, {"role": "assistant", "content": PLACEHOLDER}]
-        self._base_text = render(tokenizer, self._base, generation_prompt=False)
-        at = self._base_text.rfind(PLACEHOLDER)
+        base_text = render(tokenizer, self._base, generation_prompt=False)
+        at = base_text.rfind(PLACEHOLDER)
         if at < 0:
             raise ChatTemplateError(
                 "the chat template drops the assistant message content; cannot find where an "
                 "assistant turn ends"
             )
-        self.closing_text = self._base_text[at + len(PLACEHOLDER) :]
+        self.closing_text = base_text[at + len(PLACEHOLDER) :]
         self.closing_ids = encode(tokenizer, self.closing_text)
 
     @property
@@ -107,13 +125,75 @@ class ChatDelta:
 
     def observation_ids(self, new_messages: Sequence[dict[str, Any]]) -> list[int]:
         """What the template adds for ``new_messages`` after an assistant turn, ending with the
-        generation prompt for the next assistant turn."""
+        generation prompt for the next assistant turn.
+
+        The delta is the text after the assistant turn's closing in the template's rendering of
+        the base conversation plus ``new_messages``. How that rendering writes the assistant turn
+        itself does not matter (the sampled ids stand for it), so templates that rewrite earlier
+        assistant turns are supported; `ChatTemplateError` if the template changes anything
+        else once messages are appended (see `_split_after_turn`).
+        """
         full = render(self.tokenizer, [*self._base, *new_messages], generation_prompt=True)
-        if not full.startswith(self._base_text):
+        return encode(self.tokenizer, self._split_after_turn(full))
+
+    def rewrites_history(self, new_messages: Sequence[dict[str, Any]]) -> bool:
+        """True when the template does not keep an assistant turn verbatim once
+        ``new_messages`` follow it, e.g. Qwen3's drops the turn's ``<think>`` block when a user
+        message follows (but keeps it when only tool results follow).
+
+        The rollout is not affected (it keeps the sampled tokens, reasoning included); the flag
+        says that the contexts trained on are not what the stock template renders for the same
+        conversation at deployment. Probed with an assistant turn ``<think>\\n(reasoning)\\n
+        </think>\\n\\n(answer)``, the format of Qwen3 and DeepSeek-R1; one render per call.
+        """
+        probe = f"<think>\n{REASONING_PLACEHOLDER}\n</think>\n\n{PLACEHOLDER}"
+        messages = [*self.initial_messages, {"role": "assistant", "content": probe}]
+        full = render(self.tokenizer, [*messages, *new_messages], generation_prompt=True)
+        return probe not in full
+
+    @cached_property
+    def _history_text(self) -> str:
+        """The initial messages alone, without a generation prompt (rendered on first use: a
+        single-turn episode never needs it)."""
+        return render(self.tokenizer, self.initial_messages, generation_prompt=False)
+
+    def _split_after_turn(self, full: str) -> str:
+        """The text of ``full`` (the base conversation plus new messages, rendered) after the
+        placeholder turn's closing, once the parts that must be append-only are checked: the
+        initial messages render as in the prompt, nothing but the assistant header comes
+        between them and the turn, and the turn ends with ``closing_text``."""
+        history, prompt = self._history_text, self._prompt_text
+        lead = (
+            "the chat template re-renders earlier turns when messages are appended, so no "
+            "token-exact delta exists for it (templates that only rewrite earlier assistant "
+            "turns, e.g. Qwen3's dropping their <think> blocks, are supported): "
+        )
+        if full.count(PLACEHOLDER) != 1:
             raise ChatTemplateError(
-                "the chat template re-renders earlier turns when messages are appended, so no "
-                "token-exact delta exists for it:\n"
-                f"  base: {self._base_text[-120:]!r}\n"
-                f"  with new messages: {full[: len(self._base_text)][-120:]!r}"
+                lead + f"the earlier assistant turn's content appears {full.count(PLACEHOLDER)} "
+                "times in the rendering (it must appear once)"
             )
-        return encode(self.tokenizer, full[len(self._base_text) :])
+        at = full.index(PLACEHOLDER)
+        for label, text in (("the prompt", prompt), ("the rendering with messages", full)):
+            if not text.startswith(history):
+                i = len(os.path.commonprefix([history, text]))
+                raise ChatTemplateError(
+                    lead + f"the messages before the model's turn render differently in {label}:"
+                    f"\n  alone:   {history[max(0, i - 60) : i + 60]!r}"
+                    f"\n  in {label}: {text[max(0, i - 60) : i + 60]!r}"
+                )
+        header, generation_prompt = full[len(history) : at], prompt[len(history) :]
+        if not (generation_prompt.startswith(header) or header.startswith(generation_prompt)):
+            raise ChatTemplateError(
+                lead + "the template writes other text between the earlier messages and the "
+                f"assistant turn: {header!r} where the generation prompt was "
+                f"{generation_prompt!r}"
+            )
+        after = full[at + len(PLACEHOLDER) :]
+        if not after.startswith(self.closing_text):
+            raise ChatTemplateError(
+                lead + "an assistant turn ends differently once messages follow it: "
+                f"{self.closing_text!r} as the last turn, {after[: len(self.closing_text) + 40]!r}"
+                " with messages after it"
+            )
+        return after[len(self.closing_text) :]

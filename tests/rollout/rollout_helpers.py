@@ -1,4 +1,4 @@
-"""Test helpers: three chat templates, a scripted engine written only to the protocol, an engine wrapper that records its calls, an engine wrapper
+"""Test helpers: three chat templates (and Qwen3's, which rewrites history), a scripted engine written only to the protocol, an engine wrapper that records its calls, an engine wrapper
 that ignores ``stop_condition`` (an engine without the feature), and a logits bias that forces
 a policy's next tokens (a degenerate policy on a real model)."""
 
@@ -43,7 +43,72 @@ QWEN_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Qwen3's template, text part (no tool schemas or tool_calls), as published with Qwen3-8B: the
+# reasoning of an assistant turn ("<think>...</think>" in its content) is rendered only for the
+# turns after the last real user message, and a final assistant turn without reasoning gets an
+# empty think block. So appending a user message rewrites the turns before it.
+QWEN3_TEMPLATE = """
+{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith(
+        '<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n')
+                    .split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n')
+                    + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
 TEMPLATES = ("smollm2", "llama3", "qwen")
+"""The templates every rollout invariant is tested on. ``qwen3`` (`make_template_tokenizer`)
+is tested apart (tests/rollout/test_thinking_templates.py): it rewrites history by design."""
 
 
 def make_template_tokenizer(base, name: str):
@@ -60,6 +125,9 @@ def make_template_tokenizer(base, name: str):
         tok.chat_template = LLAMA3_TEMPLATE
     elif name == "qwen":
         tok.chat_template = QWEN_TEMPLATE
+    elif name == "qwen3":  # <think> and </think> are added, non-special tokens, as in Qwen3
+        tok.add_tokens(["<think>", "</think>"])
+        tok.chat_template = QWEN3_TEMPLATE
     elif name != "smollm2":
         raise ValueError(name)
     return tok

@@ -73,7 +73,9 @@ def test_observation_delta_never_depends_on_model_text(template_tokenizers, name
     )  # fmt: skip
 
 
-def test_template_that_rewrites_history_is_refused(tokenizer):
+def test_template_that_drops_earlier_turns_is_refused(tokenizer):
+    """Rewriting the inside of earlier assistant turns is supported (Qwen3's dropped <think>
+    blocks: test_thinking_templates.py); dropping the turns themselves is not."""
     import copy
 
     tok = copy.deepcopy(tokenizer)
