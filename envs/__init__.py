@@ -16,13 +16,16 @@ from . import procedural  # noqa: F401 - registers the "arith" generators
 from .checker import CheckReport, EnvCheckError, check_env
 from .core import FINISH_REASONS, INFO_KEYS, TextEnv, TextSpace, TurnOutcome
 from .datasets import (
+    DATASET_ENTRY_POINT_GROUP,
     DatasetError,
     OverlapReport,
     Problem,
     available_datasets,
     dataset_overlap,
+    is_dataset_file,
     load_dataset,
     read_jsonl,
+    read_problem_file,
     register_generator,
     write_jsonl,
 )
@@ -52,6 +55,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DATASET_ENTRY_POINT_GROUP",
     "ENTRY_POINT_GROUP",
     "FINISH_REASONS",
     "INFO_KEYS",
@@ -79,10 +83,12 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "grade",
+    "is_dataset_file",
     "load_dataset",
     "make",
     "parse_tool_calls",
     "read_jsonl",
+    "read_problem_file",
     "register",
     "register_generator",
     "registered",
