@@ -472,3 +472,37 @@ def test_in_process_generators_are_listed_and_suggested():
             envs.load_dataset("weekday_demo")
     finally:
         _GENERATORS.pop("weekdays_demo", None)
+
+
+# ----------------------------------------------------------------------------- the guide
+
+
+def test_the_guides_dataset_examples_print_what_their_comments_say(capsys):
+    """docs/environments.md's file/table and plugin examples: each ``print(...)  # output``
+    comment is what the line prints (``...`` stands for any text)."""
+    _pyarrow()
+    text = (DATA_DIR.parents[1] / "docs" / "environments.md").read_text()
+    start = text.index("### Problem files, tables and column mappings")
+    section = text[start : text.index("\n## ", start)]
+    blocks = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+        if not b.lstrip().startswith("# illustrative")
+    ]
+    expected = [
+        m.group(1).strip()
+        for block in blocks
+        for m in re.finditer(r"^\s*print\(.*\)\s+# (.*)$", block, flags=re.M)
+    ]
+    assert len(blocks) == 2 and len(expected) == 7
+    namespace: dict = {"__name__": "docs_example"}
+    try:
+        for block in blocks:
+            exec(compile(block, "<docs/environments.md>", "exec", dont_inherit=True), namespace)
+    finally:
+        _GENERATORS.pop("dates", None)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(expected)
+    for line, want in zip(printed, expected, strict=True):
+        pattern = ".*".join(re.escape(part) for part in want.split("..."))
+        assert re.fullmatch(pattern, line), (line, want)
