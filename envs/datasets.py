@@ -174,8 +174,9 @@ def available_datasets() -> list[str]:
 def is_dataset_file(name: str | os.PathLike) -> bool:
     """True when :func:`load_dataset` reads ``name`` as a file path, not as a dataset name.
 
-    A registered or bundled name wins; otherwise a known suffix (:data:`FILE_SUFFIXES`), a path
-    separator or an existing path makes it a file. Configs use it to decide whether a column
+    A registered or bundled name (or group) wins; otherwise a known suffix
+    (:data:`FILE_SUFFIXES`), or, for a name no plugin declares, a path separator or an existing
+    path makes it a file. Configs use it to decide whether a column
     mapping applies to a dataset.
 
     >>> is_dataset_file("math500"), is_dataset_file("data/{split}.parquet")
@@ -183,13 +184,13 @@ def is_dataset_file(name: str | os.PathLike) -> bool:
     """
     name = os.fspath(name)
     key = _ALIASES.get(name, name)
-    if key in _GENERATORS or key in BUNDLED or key in _plugin_entry_points():
+    if key in _GENERATORS or key in BUNDLED or any(b.startswith(key + "_") for b in BUNDLED):
         return False
-    return (
-        Path(name).suffix.lower() in FILE_SUFFIXES
-        or os.sep in name
-        or Path(name).expanduser().exists()
-    )
+    if name.endswith(FILE_SUFFIXES) or Path(name).suffix.lower() in FILE_SUFFIXES:
+        return True  # as in load_dataset: no plugin is looked up for such a name
+    if key in _plugin_entry_points():
+        return False
+    return os.sep in name or Path(name).expanduser().exists()
 
 
 # ----------------------------------------------------------------------------- loading
