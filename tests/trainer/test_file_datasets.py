@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -117,3 +119,25 @@ def test_one_file_for_both_splits_warns(tmp_path):
     cfg = _config(tmp_path, str(path))
     with pytest.warns(UserWarning, match=r"one file for both splits.*env\.eval_dataset"):
         validate_config(cfg)
+
+
+def test_training_cli_reports_a_bad_column_with_status_2(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 1 + 1?", "solution": "2"}) + "\n")
+    script = Path(__file__).resolve().parents[2] / "train" / "multi_turn.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            f"env.dataset={path}",
+            "env.dataset_columns.question=promt",
+            "env.dataset_columns.answer=solution",
+            "eval.num_problems=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "mine.jsonl:1: no column 'promt' (mapped to 'question')" in result.stderr
+    assert "Did you mean 'prompt'?" in result.stderr
