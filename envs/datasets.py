@@ -133,7 +133,7 @@ DATASET_ENTRY_POINT_GROUP = "alp_agents.datasets"
 def _plugin_entry_points() -> dict[str, Any]:
     """Dataset name -> entry point, for every installed ``alp_agents.datasets`` entry point.
 
-    Read from the installed packages' metadata on each call (cheap, imports nothing), so a
+    Read from the installed packages' metadata on each call (imports nothing; some 20 ms), so a
     package installed while the process runs is seen too.
     """
     from importlib import metadata
@@ -176,8 +176,7 @@ def is_dataset_file(name: str | os.PathLike) -> bool:
 
     A registered or bundled name (or group) wins; otherwise a known suffix
     (:data:`FILE_SUFFIXES`), or, for a name no plugin declares, a path separator or an existing
-    path makes it a file. Configs use it to decide whether a column
-    mapping applies to a dataset.
+    path makes it a file. Configs use it to decide whether a column mapping applies.
 
     >>> is_dataset_file("math500"), is_dataset_file("data/{split}.parquet")
     (False, True)
@@ -186,7 +185,7 @@ def is_dataset_file(name: str | os.PathLike) -> bool:
     key = _ALIASES.get(name, name)
     if key in _GENERATORS or key in BUNDLED or any(b.startswith(key + "_") for b in BUNDLED):
         return False
-    if name.endswith(FILE_SUFFIXES) or Path(name).suffix.lower() in FILE_SUFFIXES:
+    if Path(name).suffix.lower() in FILE_SUFFIXES:
         return True  # as in load_dataset: no plugin is looked up for such a name
     if key in _plugin_entry_points():
         return False
@@ -444,16 +443,29 @@ def _from_table(data: Any, split: str | None, columns: dict[str, str]) -> list[P
     info = getattr(data, "info", None)
     name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset"
     label = f"{type(data).__name__} {name!r}" + (f" (split {split!r})" if split else "")
+    # A datasets.Dataset has a content fingerprint: an env built per episode from the same
+    # Dataset must not convert every row again each time (a pyarrow.Table converts fast).
+    fingerprint = getattr(data, "_fingerprint", None)
+    key = ("table", fingerprint, split, tuple(sorted(columns.items()))) if fingerprint else None
+    if key is not None:
+        with _cache_lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return list(cached)
     if data.column_names is not None:  # None for a streaming dataset: checked row by row
         _check_schema(list(data.column_names), columns, label)
     rows = data.to_pylist() if hasattr(data, "to_pylist") else iter(data)
-    return _problems_from_rows(
+    problems = _problems_from_rows(
         rows,
         where=label,
         default_source=str(name),
         id_prefix=f"{name}-{split}" if split else str(name),
         columns=columns,
     )
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = tuple(problems)
+    return problems
 
 
 def _problems_from_rows(
@@ -490,7 +502,9 @@ def _problems_from_rows(
     return problems
 
 
-def _check_columns(columns: Mapping[str, str] | None, where: str = "columns") -> dict[str, str]:
+def _check_columns(
+    columns: Mapping[str, str] | None, where: str = "load_dataset"
+) -> dict[str, str]:
     """Validate a ``{field: column}`` mapping; catches the reversed ``{column: field}`` too."""
     if columns is None:
         return {}

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 import envs
-from envs.datasets import _GENERATORS, BUNDLED, DATA_DIR
+from envs.datasets import _GENERATORS, BUNDLED, DATA_DIR, _cache
 
 
 def _counts_from_sources() -> dict[str, int]:
@@ -393,6 +393,9 @@ def test_hugging_face_datasets_and_dataset_dicts():
         ("dataset-train-0", "What is 2 + 3?", "5"),
         ("dataset-train-1", "What is 4 + 4?", "8"),
     ]
+    again = envs.load_dataset(train, columns=columns)  # converted once per fingerprint
+    assert again == problems and again is not problems
+    assert ("table", train._fingerprint, "train", tuple(sorted(columns.items()))) in _cache
     both = datasets.DatasetDict({"train": train, "test": test})
     assert [p.answer for p in envs.load_dataset(both, split="test", columns=columns)] == ["8"]
     with pytest.raises(envs.DatasetError, match=r"no split 'tset'.*Did you mean 'test'\?"):
