@@ -19,13 +19,16 @@ from . import (
 from .checker import CheckReport, EnvCheckError, check_env
 from .core import FINISH_REASONS, INFO_KEYS, TextEnv, TextSpace, TurnOutcome
 from .datasets import (
+    DATASET_ENTRY_POINT_GROUP,
     DatasetError,
     OverlapReport,
     Problem,
     available_datasets,
     dataset_overlap,
+    is_dataset_file,
     load_dataset,
     read_jsonl,
+    read_problem_file,
     register_generator,
     write_jsonl,
 )
@@ -56,6 +59,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DATASET_ENTRY_POINT_GROUP",
     "ENTRY_POINT_GROUP",
     "FINISH_REASONS",
     "INFO_KEYS",
@@ -86,10 +90,12 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "grade",
+    "is_dataset_file",
     "load_dataset",
     "make",
     "parse_tool_calls",
     "read_jsonl",
+    "read_problem_file",
     "register",
     "register_generator",
     "registered",

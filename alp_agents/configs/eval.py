@@ -79,9 +79,14 @@ class EvalConfig(EvalSampling):
     """The environment: env.id (registered id) and env.kwargs (envs.make arguments); a plain
     string is read as env.id (deprecated form)."""
     dataset: str = "gsm8k_test"
-    """Bundled dataset name (gsm8k_test, math500, aime24, amc23, olympiadbench, arith, ...) or a JSONL path."""
+    """Bundled dataset name (gsm8k_test, math500, aime24, amc23, olympiadbench, arith, ...), a
+    plugin's dataset, or a problem file (.jsonl, .parquet, .arrow; data/{split}.parquet picks
+    the file by split)."""
     split: str | None = None
     """Dataset split where the dataset has several (procedural 'arith': train | test)."""
+    dataset_columns: dict[str, str] = field(default_factory=dict)
+    """For a problem file: which column fills which problem field, {field: column} (fields: id,
+    question, answer, source), e.g. dataset_columns.question=prompt."""
     n: int | None = None
     """Samples drawn per problem when more than k are wanted (papers' Average@32: n=32, k=1); null = k."""
     max_turns: int | None = None
@@ -102,6 +107,8 @@ class EvalConfig(EvalSampling):
     """Training set for the contamination guard: warn when it overlaps the evaluation set."""
     train_split: str | None = None
     """Split of train_dataset."""
+    train_dataset_columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping of train_dataset when it is a problem file (like dataset_columns)."""
     confidence: float = 0.95
     """Level of the bootstrap confidence intervals."""
     bootstrap_resamples: int = 1000

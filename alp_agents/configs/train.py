@@ -47,11 +47,16 @@ class EnvConfig:
     """Which environment and problems the agent trains and is evaluated on."""
 
     id: str = "alp/PythonTool-v0"
+    # a bundled or procedural name, a plugin's dataset, or a problem file (.jsonl, .parquet,
+    # .arrow; "data/{split}.parquet" picks the file by split); see envs.load_dataset
     dataset: str = "arith"
-    train_split: str | None = "train"  # None for a JSONL file (it is its own split)
+    train_split: str | None = "train"  # not used for a file without {split} (its own split)
     eval_split: str | None = "test"
     eval_dataset: str | None = None  # held-out problem set if not `dataset` (e.g. math500)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {n: 500} for generators
+    # {field: column} for problem FILES among dataset / eval_dataset, e.g. {question: prompt,
+    # answer: solution} (fields: id, question, answer, source); not used for named datasets
+    dataset_columns: dict[str, str] = field(default_factory=dict)
     max_turns: int = 2  # code turn + answer turn is all arith needs
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments
 
@@ -194,3 +199,19 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def eval_dataset(cfg: TrainConfig) -> str:
     return cfg.env.eval_dataset or cfg.env.dataset
+
+
+def dataset_kwargs(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The `envs.load_dataset` keyword arguments for ``name`` (``env.dataset`` or
+    ``env.eval_dataset``): ``env.dataset_options``, plus ``env.dataset_columns`` as ``columns=``
+    where ``name`` is a problem file.
+
+    The mapping describes a file's columns, so it is not passed for a bundled or procedural
+    name: training on a parquet file and evaluating on ``math500`` is the common case.
+    """
+    import envs
+
+    kwargs = dict(cfg.env.dataset_options)
+    if cfg.env.dataset_columns and envs.is_dataset_file(name):
+        kwargs["columns"] = dict(cfg.env.dataset_columns)
+    return kwargs

@@ -109,7 +109,8 @@ def prepare_run_dir(run_dir: Path, cfg: EvalConfig) -> list[dict[str, Any]]:
 def default_run_dir(cfg: EvalConfig) -> Path:
     """``runs/eval/<model>-<dataset>[-<split>]-n<n>-seed<seed>``: rerunning the same command resumes."""
     model = Path(cfg.model.rstrip("/")).name or cfg.model
-    dataset = Path(cfg.dataset).stem if cfg.dataset.endswith(".jsonl") else cfg.dataset
+    is_file = cfg.dataset.endswith((".jsonl", ".json", ".parquet", ".arrow", ".feather"))
+    dataset = Path(cfg.dataset).stem if is_file else cfg.dataset
     parts = [model, dataset] + ([cfg.split] if cfg.split else [])
     parts += [f"n{cfg.samples_per_problem}", f"seed{cfg.seed}"]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))

@@ -408,10 +408,14 @@ def _load_problems(cfg: EvalConfig) -> tuple[list[Any], str | None]:
     """
     import envs
 
+    columns = _columns_for(cfg.dataset, cfg.dataset_columns, "dataset")
     split = cfg.split
-    if split is None and not str(cfg.dataset).endswith((".jsonl", ".json")):
+    one_file = (
+        envs.is_dataset_file(cfg.dataset) and envs.datasets.SPLIT_PLACEHOLDER not in cfg.dataset
+    )
+    if split is None and not one_file:
         try:
-            problems = envs.load_dataset(cfg.dataset, split="test")
+            problems = envs.load_dataset(cfg.dataset, split="test", **columns)
             split = "test"
         except ValueError:
             problems = None
@@ -419,7 +423,7 @@ def _load_problems(cfg: EvalConfig) -> tuple[list[Any], str | None]:
         problems = None
     if problems is None:
         try:
-            problems = envs.load_dataset(cfg.dataset, split=split)
+            problems = envs.load_dataset(cfg.dataset, split=split, **columns)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             raise EvaluationError(
                 f"cannot load dataset {cfg.dataset!r} (split={split!r}): {exc}"
@@ -430,6 +434,21 @@ def _load_problems(cfg: EvalConfig) -> tuple[list[Any], str | None]:
     if not problems:
         raise EvaluationError(f"dataset {cfg.dataset!r} (split={split!r}) has no problems")
     return problems, split
+
+
+def _columns_for(dataset: str, columns: dict[str, str], field_name: str) -> dict[str, Any]:
+    """``{"columns": ...}`` for a problem file, ``{}`` without a mapping; a mapping given for a
+    named dataset is an error (it has no columns to map)."""
+    import envs
+
+    if not columns:
+        return {}
+    if not envs.is_dataset_file(dataset):
+        raise EvaluationError(
+            f"{field_name}_columns={dict(columns)!r} maps the columns of a problem file, but "
+            f"{field_name}={dataset!r} names no file"
+        )
+    return {"columns": dict(columns)}
 
 
 def _check_env(env_id: str) -> None:
@@ -467,7 +486,14 @@ def _training_set_of(model: str) -> dict[str, Any]:
                 f"contamination guard: training set {env['dataset']!r} "
                 f"(split {env.get('train_split')!r}) from {path}"
             )
-            return {"train_dataset": env["dataset"], "train_split": env.get("train_split")}
+            found = {"train_dataset": env["dataset"], "train_split": env.get("train_split")}
+            columns = env.get("dataset_columns")
+            if columns and isinstance(columns, dict):
+                import envs
+
+                if envs.is_dataset_file(env["dataset"]):
+                    found["train_dataset_columns"] = dict(columns)
+            return found
     return {}
 
 
@@ -478,7 +504,8 @@ def _contamination_guard(cfg: EvalConfig, problems: list[Any]) -> int:
     import envs
 
     try:
-        train = envs.load_dataset(cfg.train_dataset, split=cfg.train_split)
+        columns = _columns_for(cfg.train_dataset, cfg.train_dataset_columns, "train_dataset")
+        train = envs.load_dataset(cfg.train_dataset, split=cfg.train_split, **columns)
     except ValueError as exc:
         raise EvaluationError(
             f"contamination guard: cannot load train_dataset {cfg.train_dataset!r} "
@@ -507,6 +534,9 @@ def _env_kwargs(cfg: EvalConfig) -> dict[str, Any]:
     LocalSandbox); ``sandbox: docker`` builds one `sandbox.DockerSandbox` shared by all episodes.
     """
     kwargs = {"dataset": cfg.dataset, "split": cfg.split, **cfg.env.kwargs}
+    if cfg.dataset_columns:  # the env loads the file itself: it needs the mapping too
+        options = dict(kwargs.get("dataset_options") or {})
+        kwargs["dataset_options"] = {**options, "columns": dict(cfg.dataset_columns)}
     if cfg.sandbox in (None, "local"):
         return kwargs
     if cfg.sandbox == "docker":

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from alp_agents.common import derive_seed, rewrite_jsonl
-from alp_agents.configs.train import TrainConfig, eval_dataset
+from alp_agents.configs.train import TrainConfig, dataset_kwargs, eval_dataset
 from alp_agents.learner.update import (
     PolicyUpdate,
     TrainingDivergedError,
@@ -171,11 +171,15 @@ class ALPTrainer:
         import envs
 
         c = self.cfg
-        opts = c.env.dataset_options
-        train = envs.load_dataset(c.env.dataset, split=c.env.train_split, **opts)
+        train = envs.load_dataset(
+            c.env.dataset, split=c.env.train_split, **dataset_kwargs(c, c.env.dataset)
+        )
         if c.eval.num_problems <= 0:
             return train, []
-        held_out = envs.load_dataset(eval_dataset(c), split=c.env.eval_split, **opts)
+        held_name = eval_dataset(c)
+        held_out = envs.load_dataset(
+            held_name, split=c.env.eval_split, **dataset_kwargs(c, held_name)
+        )
         return train, held_out[: c.eval.num_problems]
 
     def _load_tokenizer(self) -> Any:
@@ -546,8 +550,9 @@ class ALPTrainer:
     def _env_kwargs(self, split: str | None, dataset: str | None = None) -> dict[str, Any]:
         e = self.cfg.env
         kwargs: dict[str, Any] = {"dataset": dataset or e.dataset, "split": split}
-        if e.dataset_options:
-            kwargs["dataset_options"] = dict(e.dataset_options)
+        options = dataset_kwargs(self.cfg, kwargs["dataset"])
+        if options:
+            kwargs["dataset_options"] = options
         return {**kwargs, **e.kwargs}
 
     def _sampling(self, temperature: float, top_p: float, max_tokens: int) -> Any:

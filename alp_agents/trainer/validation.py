@@ -8,6 +8,7 @@ second with the field, the bad value and the closest valid one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from alp_agents.configs.train import (
     LR_SCHEDULES,
     TrainConfig,
     TrainConfigError,
+    dataset_kwargs,
     eval_dataset,
 )
 from alp_agents.learner.objectives import PolicyLossConfig, preset_names
@@ -102,12 +104,35 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.eval.num_problems > 0:
         field_name = "eval_dataset" if cfg.env.eval_dataset else "dataset"
         checks.append((field_name, eval_dataset(cfg), "eval_split", cfg.env.eval_split))
+    if cfg.env.dataset_columns and not any(envs.is_dataset_file(c[1]) for c in checks):
+        raise bad(
+            "env.dataset_columns",
+            dict(cfg.env.dataset_columns),
+            "maps the columns of a problem file, but "
+            + " and ".join(f"env.{c[0]}={c[1]!r}" for c in checks)
+            + " names no file (bundled and procedural datasets have question and answer)",
+        )
+    if (
+        cfg.eval.num_problems > 0
+        and not cfg.env.eval_dataset
+        and envs.is_dataset_file(cfg.env.dataset)
+        and "{split}" not in cfg.env.dataset
+    ):
+        warnings.warn(
+            f"env.dataset={cfg.env.dataset!r} is one file for both splits: the held-out "
+            f"evaluation (eval.num_problems={cfg.eval.num_problems}) runs on training problems. "
+            "Set env.eval_dataset, or put {split} in the path (data/{split}.parquet).",
+            UserWarning,
+            stacklevel=2,
+        )
     for name_field, name, split_field, split in checks:
+        kwargs = dataset_kwargs(cfg, name)
+        columns = f" / env.dataset_columns={kwargs['columns']!r}" if "columns" in kwargs else ""
         try:
-            envs.load_dataset(name, split=split, **cfg.env.dataset_options)
+            envs.load_dataset(name, split=split, **kwargs)
         except Exception as exc:  # the dataset module names the valid choices
             raise TrainConfigError(
-                f"env.{name_field}={name!r} / env.{split_field}={split!r}: {exc}"
+                f"env.{name_field}={name!r} / env.{split_field}={split!r}{columns}: {exc}"
             ) from exc
     # PolicyLossConfig rejects unknown override keys itself; surface it as a config error now.
     try:
