@@ -141,7 +141,7 @@ class AheadRollouts:
 
     def pending(self, step: int) -> list[RolloutBatch]:
         """Every submitted batch of a step >= ``step``, finished (waits for the worker)."""
-        steps = sorted(s for s in (*self._jobs, *self._ready) if s >= step)
+        steps = sorted({s for s in (*self._jobs, *self._ready) if s >= step})
         return [self.take(s) for s in steps]
 
     def close(self) -> None:
