@@ -70,7 +70,8 @@ class AheadRollouts:
         worker: the engine worker (started with the trainer's current version).
         ahead: N, how many steps ahead batches are submitted (``rollout.async_steps``).
         last_step: no batch is submitted for a step >= this (``steps``).
-        sample: ``sample(step)``: that step's problems (advances the trainer's sampler).
+        sample: the next batch's problems (advances the trainer's sampler; batches are
+            sampled in step order, as a synchronous run samples them).
         roll_out: runs one batch on the worker's engine.
     """
 
@@ -79,7 +80,7 @@ class AheadRollouts:
         worker: EngineWorker,
         ahead: int,
         last_step: int,
-        sample: Callable[[int], Sequence[Any]],
+        sample: Callable[[], Sequence[Any]],
         roll_out: RollOut,
     ) -> None:
         if ahead < 1:
@@ -108,7 +109,7 @@ class AheadRollouts:
         for s in range(step, min(step + self.ahead, self.last_step - 1) + 1):
             if s in self._jobs or s in self._ready:
                 continue
-            problems = self._sample(s)
+            problems = self._sample()
             run = functools.partial(self._run, problems=problems, step=s)
             self._jobs[s] = self.worker.submit(run, version)
             submitted.append(s)

@@ -12,7 +12,7 @@ One training step (`ALPTrainer.train_step`), as docs/alp.md describes it:
    perturbation on only in the ratio numerator;
 4. sync the new weights into the engine (never sigma) and log every metric.
 
-With ``rollout.async_steps = N >= 1`` the same step reads the same way, but step 1's rollout
+With ``rollout.async_steps = N >= 1`` the same step reads the same way, but step t's rollout
 was started N steps earlier by a background worker (`alp_agents.trainer.async_rollouts`): "roll
 out" takes that batch (and submits the one for step t+N), "sync" hands the new weights to the
 worker for the next batch it starts. Each trajectory records the policy version that sampled
@@ -501,6 +501,8 @@ class ALPTrainer:
             # Every rank skips together: one skipping alone would leave the others waiting
             # in the gradient all-reduce.
             metrics["batch/skipped_no_data"] = 1.0
+            if self.ahead is not None:  # the version moves on with the step (same weights)
+                self.engine_sync()
             return metrics
 
         r = self.cfg.rollout
@@ -541,7 +543,7 @@ class ALPTrainer:
         the worker; ``time/rollout_wait_s`` is how long the trainer waited for it.
         """
         if self.ahead is None:
-            batch = self._roll_out(self.engine, self._sample_problems(self.step), self.step)
+            batch = self._roll_out(self.engine, self._sample_problems(), self.step)
             return batch.trajectories, batch.metrics
         t0 = time.perf_counter()
         self.ahead.fill(self.step, version=self.step)
@@ -551,9 +553,8 @@ class ALPTrainer:
             "time/rollout_wait_s": time.perf_counter() - t0,
         }
 
-    def _sample_problems(self, step: int) -> list[Any]:
-        """The problems of one step's batch, this process's shard (advances the sampler)."""
-        del step  # the sampler's own position says which; steps are sampled in order
+    def _sample_problems(self) -> list[Any]:
+        """The next batch's problems, this process's shard (advances the sampler)."""
         idx = self.sampler.take(self.cfg.rollout.prompts_per_step)
         rank, world = self.dist.rank, self.dist.world
         return [self.train_problems[i] for i in idx][rank::world]
