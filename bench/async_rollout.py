@@ -20,8 +20,10 @@ the trainer and the worker (`alp_agents.rollout.worker.split_cpu_threads`); with
 all (``OMP_NUM_THREADS=1``) each gets one, so the asynchronous run uses a second core that the
 synchronous one leaves idle. The output says which.
 
-    python bench/async_rollout.py                 # ~3 min on 2 cores
-    python bench/async_rollout.py --steps 6 rollout.max_tokens=128
+    python bench/async_rollout.py --tiny          # a tiny random model: ~1 min
+    python bench/async_rollout.py --steps 3 rollout.prompts_per_step=2 rollout.group_size=2 \
+        rollout.max_tokens=32                     # SmolLM2, a quarter of the default batch
+    python bench/async_rollout.py                 # the default config as it is (slow on CPU)
 """
 
 from __future__ import annotations
@@ -80,8 +82,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--steps", type=int, default=4, help="steps per run (first is warm-up)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny random Llama (hidden 64, 2 layers) instead of SmolLM2: seconds, but the "
+        "steps are Python overhead more than compute",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
+    if args.tiny:
+        from alp_agents.models import register_tiny_models
+
+        register_tiny_models()
+        args.overrides = ["model.name=tiny-llama", *args.overrides]
     budget = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         sync = run(args.config, args.overrides, 0, args.steps, Path(tmp))
@@ -90,7 +103,8 @@ def main() -> None:
     from alp_agents.rollout.worker import split_cpu_threads
 
     trainer_threads, worker_threads = split_cpu_threads(budget)
-    print(f"\nconfig {args.config.name}, {args.steps} steps per run, torch threads {budget}")
+    print(f"\nconfig {args.config.name} {' '.join(args.overrides)}")
+    print(f"{args.steps} steps per run, torch threads {budget}")
     print(f"async: trainer {trainer_threads} thread(s) + engine worker {worker_threads}")
     r = median(sync["rows"], "time/rollout_s")
     u = median(sync["rows"], "time/update_s")
