@@ -120,12 +120,16 @@ class UpdateBatch:
     ``tensors`` holds ``(B, L)`` ``input_ids``, ``attention_mask``, ``loss_mask`` (float, void
     rows already zeroed where configured), ``infer_logprobs`` (the engine's mu), ``turn_index``
     and ``(B,)`` ``advantages``. ``group_ids`` has one prompt group per row; ``score_from`` is
-    each row's first model-token column (taken before any row lost its mask).
+    each row's first model-token column (taken before any row lost its mask). ``token_lag``
+    (asynchronous rollouts only, else None) is ``(B, L)``: how many policy versions the weights
+    that sampled each token are behind the trainer's (-1 where unknown or not a token); the
+    step's ratio statistics are then also logged per lag.
     """
 
     tensors: dict[str, torch.Tensor]
     group_ids: Sequence[Any]
     score_from: torch.Tensor
+    token_lag: torch.Tensor | None = None
 
 
 @dataclass
@@ -153,13 +157,15 @@ def build_update_batch(
     eps: float,
     void_in_group_stats: bool = True,
     mask_void_turns: bool = True,
+    policy_version: int | None = None,
 ) -> tuple[UpdateBatch, dict[str, float]]:
     """Collate usable trajectories and attach GRPO advantages; returns the batch and its metrics.
 
     Void-turn trajectories count in their group's baseline when ``void_in_group_stats`` and
     lose their loss mask when ``mask_void_turns``. Metrics: ``batch/void_masked``,
     ``advantage/abs_mean``, ``advantage/zero_groups_ratio`` (groups whose advantages are all 0,
-    so they teach nothing).
+    so they teach nothing). With ``policy_version`` (the trainer's, asynchronous rollouts) the
+    batch carries each token's staleness lag (`UpdateBatch.token_lag`).
     """
     from alp_agents.learner.advantages import grpo_advantages
     from alp_agents.learner.batching import first_scored_columns
@@ -188,7 +194,13 @@ def build_update_batch(
         "advantage/abs_mean": float(adv.abs().mean()),
         "advantage/zero_groups_ratio": zero_advantage_group_ratio(adv, group_ids),
     }
-    return UpdateBatch(tensors, group_ids, score_from), metrics
+    token_lag = None
+    if policy_version is not None:
+        version = tensors["policy_version"]
+        token_lag = torch.where(
+            version >= 0, policy_version - version, torch.full_like(version, -1)
+        )
+    return UpdateBatch(tensors, group_ids, score_from, token_lag), metrics
 
 
 def zero_advantage_group_ratio(adv: torch.Tensor, group_ids: Sequence[Any]) -> float:
@@ -463,6 +475,8 @@ class PolicyUpdate:
                 out["perturbation/logprob_change"] = noise_effect["sum"] / noise_effect["n"]
         out.update(weighted_mean(loss_metrics, keep=_MICRO_METRIC_PREFIXES))
         out.update(self.step_ratio_metrics(t, numerators, old_lp))
+        if batch.token_lag is not None:
+            out.update(self.staleness_metrics(t, numerators, old_lp, batch.token_lag))
         return UpdateResult(int(sums["update/steps"]), int(sums["update/skipped"]), out)
 
     def backward(self, terms: LossTerms) -> None:
@@ -544,21 +558,11 @@ class PolicyUpdate:
         quantity for every preset (for ALP and Bypass the two coincide).
         """
         from alp_agents.learner import metrics as M
-        from alp_agents.learner.objectives import log_ratio
 
         c = self.loss_cfg
         m = tensors["loss_mask"].float()
         kept = tensors["final_mask"].float()
-        zeros = torch.zeros_like(m)
-        lp = torch.where(m > 0, numerators.float(), zeros)
-        infer = torch.where(m > 0, tensors["infer_logprobs"].float(), zeros)
-        old = torch.where(m > 0, old_lp.float(), zeros)
-        den = infer if c.denominator == "infer" else old
-        ratio = (
-            log_ratio(lp, den, m, c, tensors["turn_index"])
-            .clamp(-c.log_ratio_clamp, c.log_ratio_clamp)
-            .exp()
-        )
+        lp, infer, den, ratio = self._loss_ratio(tensors, numerators, old_lp)
         adv = tensors["advantages"][:, None].expand_as(m)
         stats: dict[str, Any] = {}
         stats.update(M.ratio_stats(ratio, kept))
@@ -571,6 +575,70 @@ class PolicyUpdate:
         stats["tokens/loss"] = kept.sum()
         stats["tokens/before_rejection"] = m.sum()
         return M.to_floats(stats)
+
+    def _loss_ratio(
+        self, tensors: dict[str, torch.Tensor], numerators: torch.Tensor, old_lp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(numerator, mu, denominator, ratio)`` of the loss tokens (0 elsewhere): the ratio
+        as the objective formed it (per token, sequence or turn), clamped as there."""
+        from alp_agents.learner.objectives import log_ratio
+
+        c = self.loss_cfg
+        m = tensors["loss_mask"].float()
+        zeros = torch.zeros_like(m)
+        lp = torch.where(m > 0, numerators.float(), zeros)
+        infer = torch.where(m > 0, tensors["infer_logprobs"].float(), zeros)
+        old = torch.where(m > 0, old_lp.float(), zeros)
+        den = infer if c.denominator == "infer" else old
+        ratio = (
+            log_ratio(lp, den, m, c, tensors["turn_index"])
+            .clamp(-c.log_ratio_clamp, c.log_ratio_clamp)
+            .exp()
+        )
+        return lp, infer, den, ratio
+
+    def staleness_metrics(
+        self,
+        tensors: dict[str, torch.Tensor],
+        numerators: torch.Tensor,
+        old_lp: torch.Tensor,
+        token_lag: torch.Tensor,
+    ) -> dict[str, float]:
+        """The lag distribution of the loss tokens and the ratio statistics of each lag.
+
+        ``staleness/mean|max`` and ``staleness/lag_K/token_frac`` over the loss tokens (before
+        rejection); per lag K: ``staleness/lag_K/ratio/*`` (the ratio used in the loss, over
+        the kept tokens of that lag), ``staleness/lag_K/seq_log_ratio/*`` (the sequence
+        log-ratio of the method's own ratio over that lag's tokens), and two k3 values:
+        ``mismatch/k3`` (pi_old vs the engine's mu: staleness plus precision, no noise) and
+        ``mismatch_update/k3`` (the update's numerator vs mu: what the objective really saw,
+        perturbed for ALP). So the tail can be read growing with the lag, and next to it what
+        the correction made of it.
+        """
+        from alp_agents.learner import metrics as M
+
+        m = tensors["loss_mask"].float()
+        lag = torch.where(m > 0, token_lag, torch.full_like(token_lag, -1))
+        known = lag >= 0
+        if not bool(known.any()):
+            return {}
+        lags = lag[known]
+        out: dict[str, Any] = {
+            "staleness/mean": lags.float().mean(),
+            "staleness/max": lags.max().float(),
+        }
+        lp, infer, den, ratio = self._loss_ratio(tensors, numerators, old_lp)
+        old = torch.where(m > 0, old_lp.float(), torch.zeros_like(m))
+        kept = tensors["final_mask"].float()
+        for k in sorted(set(lags.tolist())):
+            at = (lag == k).float()
+            name = f"staleness/lag_{k}"
+            out[f"{name}/token_frac"] = at.sum() / known.sum()
+            out.update(M.ratio_stats(ratio, kept * at, prefix=f"{name}/ratio"))
+            out.update(M.seq_log_ratio_stats(lp - den, m * at, prefix=f"{name}/seq_log_ratio"))
+            out[f"{name}/mismatch/k3"] = M.mismatch_stats(old, infer, m * at)["mismatch/k3"]
+            out[f"{name}/mismatch_update/k3"] = M.mismatch_stats(lp, infer, m * at)["mismatch/k3"]
+        return M.to_floats(out)
 
     # ---------------------------------------------------------------- small operations
     def _autocast(self) -> contextlib.AbstractContextManager:

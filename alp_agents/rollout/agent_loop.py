@@ -104,6 +104,7 @@ class _Episode:
     num_void_turns: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)  # one per turn, at its first call
 
     @property
     def context(self) -> list[int]:
@@ -135,6 +136,7 @@ class _Episode:
             messages=self.messages,
             metrics=self.metrics,
             steps=self.steps,
+            policy_versions=self.policy_versions,
         )
 
 
@@ -207,6 +209,7 @@ def run_episodes(
     stats: dict[str, Any] | None = None,
     max_workers: int = 32,
     max_rounds_per_turn: int = 4,
+    policy_version: int | Callable[[], int] = 0,
 ) -> list[Trajectory]:
     """Run ``len(problems) * group_size`` episodes concurrently; one trajectory per episode.
 
@@ -241,6 +244,11 @@ def run_episodes(
             at most this many generate calls, then goes to the env as it is (the turn's
             ``metrics["turns"][k]["capped"]`` is True). With `HFEngine` / `VLLMEngine` every
             turn takes one call.
+        policy_version: the version of the weights the engine samples with (the number of
+            optimiser updates behind them), recorded per turn in
+            `Trajectory.policy_versions`; a callable is asked at every generate call, for an
+            engine whose weights may change between rounds. A turn spread over several calls
+            records the version of its first.
 
     Returns:
         Trajectories in episode order (problem-major), each validated.
@@ -304,6 +312,7 @@ def run_episodes(
                 for ep in live
             ]
             t_gen = time.perf_counter()
+            version = policy_version() if callable(policy_version) else policy_version
             samples = engine.generate([ep.context for ep in live], per_episode)
             gen_s = time.perf_counter() - t_gen
             timing["generate_s"] += gen_s
@@ -317,6 +326,8 @@ def run_episodes(
             t_env = time.perf_counter()
             stepping = []
             for ep, sample, params in zip(live, samples, per_episode, strict=True):
+                if len(ep.policy_versions) <= ep.turn:
+                    ep.policy_versions.append(int(version))
                 if _absorb_sample(ep, sample, params, max_rounds_per_turn):
                     stepping.append(ep)
                 else:  # an engine that ignores stop_condition stopped inside the turn

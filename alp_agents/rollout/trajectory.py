@@ -52,8 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-"""Bumped when a field changes meaning; `Trajectory.from_dict` refuses newer versions."""
+SCHEMA_VERSION = 2
+"""Bumped when a field changes meaning or is added; `Trajectory.from_dict` refuses newer
+versions (2: ``policy_versions``; files of version 1 load with it empty)."""
 
 GRADE_STATUSES = ("correct", "wrong", "unverifiable", "none")
 """``none``: the episode ended without a gradable answer (or the env does not grade)."""
@@ -215,6 +216,11 @@ class Trajectory:
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)
     """One record per env step (empty for trajectories saved before step records existed)."""
+    policy_versions: list[int] = field(default_factory=list)
+    """The policy version (optimiser updates applied to the engine's weights) that sampled each
+    turn, one per turn; empty where the producer did not say (saved before versions existed).
+    With asynchronous rollouts the trainer may be several versions ahead of these; it logs the
+    difference as the staleness lag (docs/training.md)."""
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -332,6 +338,19 @@ class Trajectory:
         if self.finish_reason == "void_turn" and self.num_void_turns == 0:
             fail("void finish counted", "finish_reason void_turn but num_void_turns=0")
         self._validate_turn_structure(fail)
+        if self.policy_versions:
+            versions = self.policy_versions
+            if len(versions) != self.num_turns:
+                fail(
+                    "one policy version per turn",
+                    f"{len(versions)} version(s), num_turns={self.num_turns}",
+                )
+            for i, v in enumerate(versions):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    fail("policy versions are non-negative ints", f"policy_versions[{i}]={v!r}")
+            if any(b < a for a, b in zip(versions, versions[1:], strict=False)):
+                # Weights only move forward: a later turn is never sampled by an older policy.
+                fail("policy versions never decrease", f"policy_versions={versions}")
         if self.steps:
             if [s.turn for s in self.steps] != list(range(len(self.steps))):
                 fail("steps numbered 0, 1, ...", f"turns {[s.turn for s in self.steps]}")
@@ -467,7 +486,8 @@ def collate(trajectories: Sequence[Trajectory], pad_token_id: int) -> dict[str, 
     * ``input_ids`` (long, padded with ``pad_token_id``), ``attention_mask`` (long, 1 on real
       tokens), ``loss_mask`` (float32, 1 on sampled tokens, 0 on prompt/observations/padding),
       ``infer_logprobs`` (float32, 0 off the mask), ``turn_index`` (long, -1 on prompt and
-      padding);
+      padding), ``policy_version`` (long: the version that sampled the token's turn, -1 on
+      prompt and padding and where the trajectory has no ``policy_versions``);
     * ``(B,)``: ``rewards`` (float32), ``group_ids`` (long: consecutive ints in order of first
       appearance of each trajectory's ``group_id``), ``response_start`` (= len(prompt_ids)),
       ``lengths`` (real tokens), ``is_void`` and ``is_infra_failure`` (bool; what the learner
@@ -488,6 +508,7 @@ def collate(trajectories: Sequence[Trajectory], pad_token_id: int) -> dict[str, 
     loss_mask = torch.zeros((batch, width), dtype=torch.float32)
     infer_logprobs = torch.zeros((batch, width), dtype=torch.float32)
     turn_index = torch.full((batch, width), -1, dtype=torch.long)
+    policy_version = torch.full((batch, width), -1, dtype=torch.long)
     group_map: dict[Any, int] = {}
     for row, traj in enumerate(trajectories):
         p, n = len(traj.prompt_ids), lengths[row]
@@ -497,6 +518,9 @@ def collate(trajectories: Sequence[Trajectory], pad_token_id: int) -> dict[str, 
             loss_mask[row, p:n] = torch.tensor(traj.loss_mask, dtype=torch.float32)
             infer_logprobs[row, p:n] = torch.tensor(traj.infer_logprobs, dtype=torch.float32)
             turn_index[row, p:n] = torch.tensor(traj.turn_index, dtype=torch.long)
+            if traj.policy_versions:
+                versions = torch.tensor(traj.policy_versions, dtype=torch.long)
+                policy_version[row, p:n] = versions[turn_index[row, p:n]]
         group_map.setdefault(traj.group_id, len(group_map))
     return {
         "input_ids": input_ids,
@@ -504,6 +528,7 @@ def collate(trajectories: Sequence[Trajectory], pad_token_id: int) -> dict[str, 
         "loss_mask": loss_mask,
         "infer_logprobs": infer_logprobs,
         "turn_index": turn_index,
+        "policy_version": policy_version,
         "rewards": torch.tensor([float(t.reward) for t in trajectories], dtype=torch.float32),
         "group_ids": torch.tensor([group_map[t.group_id] for t in trajectories], dtype=torch.long),
         "response_start": torch.tensor([len(t.prompt_ids) for t in trajectories], dtype=torch.long),

@@ -153,6 +153,12 @@ class TrainerState:
     skipped_updates: int = 0
     signal_flat_steps: int = 0  # `LearningSignalMonitor`'s count of steps without signal
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    # rollout.async_steps > 0: the batches rolled out ahead of this step boundary, finished
+    # (`alp_agents.trainer.async_rollouts.RolloutBatch.to_dict`); saved because the older
+    # weights that sampled them are not in the checkpoint, so they cannot be regenerated
+    pending_rollouts: list[dict[str, Any]] | None = field(
+        default=None, metadata={"file": "pending_rollouts.pt", "optional": True}
+    )
 
     def rng_for_rank(self, rank: int, world: int) -> dict[str, Any]:
         """This rank's saved RNG state; rank 0's when the ranks' were not gathered (or the

@@ -49,6 +49,12 @@ def check_world(
             f"rollout.prompts_per_step={rollout.prompts_per_step} must be a multiple of the "
             f"number of processes ({world}): each process rolls out the same number of them"
         )
+    if world > 1 and rollout.async_steps:
+        raise TrainConfigError(
+            f"rollout.async_steps={rollout.async_steps} runs on one process only: the batches "
+            "rolled out ahead are per-rank state that checkpoints do not gather yet; use "
+            "rollout.async_steps=0 under accelerate launch"
+        )
     per_process = rollout.prompts_per_step // world * rollout.group_size
     if world > 1 and algorithm.mini_batches > per_process:
         raise TrainConfigError(

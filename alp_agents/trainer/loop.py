@@ -12,6 +12,12 @@ One training step (`ALPTrainer.train_step`), as docs/alp.md describes it:
    perturbation on only in the ratio numerator;
 4. sync the new weights into the engine (never sigma) and log every metric.
 
+With ``rollout.async_steps = N >= 1`` the same step reads the same way, but step t's rollout
+was started N steps earlier by a background worker (`alp_agents.trainer.async_rollouts`): "roll
+out" takes that batch (and submits the one for step t+N), "sync" hands the new weights to the
+worker for the next batch it starts. Each trajectory records the policy version that sampled
+each turn; the step logs the staleness lag and the ratio statistics per lag.
+
 `ALPTrainer.train` runs the steps, evaluates on held-out problems every N steps and
 checkpoints every N steps (`alp_agents.trainer.checkpoint.TrainerState`). What differs on
 several processes is in `alp_agents.trainer.distributed`.
@@ -70,6 +76,7 @@ from alp_agents.reporting.console import (
 from alp_agents.rollout.stats import episode_stats
 from alp_agents.rollout.trajectory import Trajectory
 from alp_agents.trainer import checkpoint as ckpt
+from alp_agents.trainer.async_rollouts import AheadRollouts, RolloutBatch
 from alp_agents.trainer.checkpoint import TrainerState
 from alp_agents.trainer.distributed import DistributedOps, check_world
 from alp_agents.trainer.monitors import LearningSignalMonitor
@@ -159,11 +166,14 @@ class ALPTrainer:
         )
         self.step = 0
         self.eval_history: list[dict[str, Any]] = []
+        self.ahead: AheadRollouts | None = None  # the async worker's batches, while training
+        self._restored_batches: list[RolloutBatch] = []
         if resume is not None:
             self._restore(resume)
         self.run_dir = self._resolve_run_dir(resume_from)
         self.logger = self._make_logger(resume_step=self.step if resume else None)
         self._interrupt_requested = False
+        self._saving = False  # a checkpoint is being written (async: waits for the worker)
 
     # ---------------------------------------------------------------- construction
     def _load_problems(self) -> tuple[list[Any], list[Any]]:
@@ -399,6 +409,13 @@ class ALPTrainer:
         ``gather`` every rank's RNG state.
         """
         optimizer = self.dist.full_optimizer_state(self.optimizer)
+        # Batches rolled out ahead are saved, not regenerated: the older weights that sampled
+        # them are not in the checkpoint (alp_agents.trainer.async_rollouts). Waits for them.
+        pending = None
+        if self.ahead is not None:
+            pending = [b.to_dict() for b in self.ahead.pending(self.step)]
+        elif self._restored_batches:  # not started yet: what was restored is still pending
+            pending = [b.to_dict() for b in self._restored_batches]
         rng = ckpt.rng_state()
         rng_per_rank = self.dist.gather_objects(rng) if gather else None
         if not self.is_main:
@@ -415,6 +432,7 @@ class ALPTrainer:
             skipped_updates=self.update.nonfinite.total,
             signal_flat_steps=self.signal_monitor.flat_steps,
             eval_history=list(self.eval_history),
+            pending_rollouts=pending,
         )
 
     def _restore(self, state: TrainerState) -> None:
@@ -431,6 +449,14 @@ class ALPTrainer:
         self.eval_history = list(state.eval_history)
         self.sampler.load_state_dict(state.sampler)
         ckpt.set_rng_state(state.rng_for_rank(self.dist.rank, self.dist.world))
+        self._restored_batches = [RolloutBatch.from_dict(b) for b in state.pending_rollouts or []]
+        if self._restored_batches and not self.cfg.rollout.async_steps:
+            self._say(
+                f"WARNING: the checkpoint holds {len(self._restored_batches)} batch(es) rolled "
+                "out ahead (rollout.async_steps > 0); this run is synchronous and drops them "
+                "(their problems are skipped)"
+            )
+            self._restored_batches = []
         self.engine_sync()
 
     def save_checkpoint(self, gather: bool = True) -> Path | None:
@@ -445,7 +471,11 @@ class ALPTrainer:
         model_state = (
             self.dist.full_state_dict(self.model, all_ranks=False) if self.dist.is_fsdp else None
         )
-        state = self._capture_state(gather)
+        self._saving = True
+        try:
+            state = self._capture_state(gather)
+        finally:
+            self._saving = False
         if state is None:
             return None
         path = ckpt.checkpoint_path(self.run_dir, self.step)
@@ -475,6 +505,8 @@ class ALPTrainer:
             # Every rank skips together: one skipping alone would leave the others waiting
             # in the gradient all-reduce.
             metrics["batch/skipped_no_data"] = 1.0
+            if self.ahead is not None:  # the version moves on with the step (same weights)
+                self.engine_sync()
             return metrics
 
         r = self.cfg.rollout
@@ -485,6 +517,8 @@ class ALPTrainer:
             eps=self.cfg.algorithm.advantage_eps,
             void_in_group_stats=r.void_in_group_stats,
             mask_void_turns=r.mask_void_turns,
+            # asynchronous: each token's lag behind this step's weights (staleness/* metrics)
+            policy_version=self.step if self.ahead is not None else None,
         )
         metrics.update(batch_metrics)
         warning = self.signal_monitor.observe(metrics["advantage/zero_groups_ratio"])
@@ -505,27 +539,54 @@ class ALPTrainer:
         return metrics
 
     def rollout(self) -> tuple[list[Any], dict[str, float]]:
-        """Sample this step's problems and run the episodes (this process's shard)."""
+        """This step's trajectories (this process's shard of its problems).
+
+        Synchronous: sample the problems and run the episodes now, with the current weights.
+        Asynchronous: submit the batches of the next ``rollout.async_steps`` steps not yet
+        submitted (with the current weights), then take this step's batch, rolled out ahead by
+        the worker; ``time/rollout_wait_s`` is how long the trainer waited for it.
+        """
+        if self.ahead is None:
+            batch = self._roll_out(self.engine, self._sample_problems(), self.step)
+            return batch.trajectories, batch.metrics
+        t0 = time.perf_counter()
+        self.ahead.fill(self.step, version=self.step)
+        batch = self.ahead.take(self.step)
+        return batch.trajectories, {
+            **batch.metrics,
+            "time/rollout_wait_s": time.perf_counter() - t0,
+        }
+
+    def _sample_problems(self) -> list[Any]:
+        """The next batch's problems, this process's shard (advances the sampler)."""
+        idx = self.sampler.take(self.cfg.rollout.prompts_per_step)
+        rank, world = self.dist.rank, self.dist.world
+        return [self.train_problems[i] for i in idx][rank::world]
+
+    def _roll_out(
+        self, engine: Any, problems: Sequence[Any], step: int, version: int | None = None
+    ) -> RolloutBatch:
+        """Run the episodes of step ``step``'s problems on ``engine``, whose weights are policy
+        ``version`` (default: ``step``, the synchronous case)."""
         from alp_agents.rollout.agent_loop import run_episodes
 
         cfg = self.cfg
-        idx = self.sampler.take(cfg.rollout.prompts_per_step)
-        rank, world = self.dist.rank, self.dist.world
-        problems = [self.train_problems[i] for i in idx][rank::world]
         t0 = time.perf_counter()
         stats: dict[str, Any] = {}
         trajs = run_episodes(
             cfg.env.id,
-            self.engine,
+            engine,
             self.tokenizer,
             problems,
             cfg.rollout.group_size,
             self._sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens),
             env_kwargs=self._env_kwargs(cfg.env.train_split),
             max_turns=cfg.env.max_turns,
-            progress=cfg.logging.progress and self.is_main,
-            seed=rollout_seed(cfg.seed, self.step, rank),
+            # the worker's bar would garble the train bar: only synchronous rollouts show one
+            progress=cfg.logging.progress and self.is_main and self.ahead is None,
+            seed=rollout_seed(cfg.seed, step, self.dist.rank),
             stats=stats,
+            policy_version=step if version is None else version,
         )
         out = {"time/rollout_s": time.perf_counter() - t0}
         for key in ("generate_s", "env_s"):
@@ -535,13 +596,18 @@ class ALPTrainer:
             out["throughput/generated_tokens_per_s"] = float(stats["generated_tokens"]) / max(
                 1e-9, out["time/rollout_s"]
             )
-        return trajs, out
+        return RolloutBatch(step, trajs, out)
 
     def engine_sync(self) -> None:
         """Copy the trainer's weights into the inference engine (never the perturbation).
 
         Under FSDP the full weights are gathered first (every process calls this each step).
+        Asynchronous: a snapshot goes to the worker as version ``step + 1`` (called at the end
+        of a step, before the counter moves), loaded before the next batch it starts.
         """
+        if self.ahead is not None:
+            self.ahead.worker.push_weights(self.step + 1, self._unwrapped().state_dict())
+            return
         if self.dist.is_fsdp:
             self.engine.update_weights(self.dist.full_state_dict(self.model, all_ranks=True))
         else:
@@ -579,20 +645,29 @@ class ALPTrainer:
         from alp_agents.evaluation.runner import evaluate_with_engine
 
         e = self.cfg.eval
-        result = evaluate_with_engine(
-            self.engine,
-            self.tokenizer,
-            self.cfg.env.id,
-            self.eval_problems,
-            k=e.k,
-            sampling=self._sampling(
-                e.temperature, e.top_p, e.max_tokens or self.cfg.rollout.max_tokens
-            ),
-            env_kwargs=self._env_kwargs(self.cfg.env.eval_split, eval_dataset(self.cfg)),
-            seed=self.cfg.seed + 12345,
-            progress=self.cfg.logging.progress and self.is_main,
-            max_turns=self.cfg.env.max_turns,
-        )
+
+        def run(engine: Any, version: int) -> Any:
+            return evaluate_with_engine(
+                engine,
+                self.tokenizer,
+                self.cfg.env.id,
+                self.eval_problems,
+                k=e.k,
+                sampling=self._sampling(
+                    e.temperature, e.top_p, e.max_tokens or self.cfg.rollout.max_tokens
+                ),
+                env_kwargs=self._env_kwargs(self.cfg.env.eval_split, eval_dataset(self.cfg)),
+                seed=self.cfg.seed + 12345,
+                progress=self.cfg.logging.progress and self.is_main and self.ahead is None,
+                max_turns=self.cfg.env.max_turns,
+            )
+
+        # Asynchronous: the worker owns the engine; it evaluates after the batches queued
+        # before, with this step's weights (pushed by the last sync).
+        if self.ahead is not None:
+            result = self.ahead.worker.call(run, self.step)
+        else:
+            result = run(self.engine, self.step)
         self._last_eval_records = result.records
         return {k: float(v) for k, v in result.summary.items() if isinstance(v, (int, float))}
 
@@ -629,8 +704,6 @@ class ALPTrainer:
             eval_before = self._record_eval("before")
         elif self.eval_history:
             eval_before = without_step_label(self.eval_history[0])
-        interrupted = False
-        metrics: dict[str, float] = {}
         bar = progress_bar(
             cfg.steps,
             desc="train",
@@ -641,6 +714,19 @@ class ALPTrainer:
         previous = signal.getsignal(signal.SIGINT)
         if threading_is_main():
             signal.signal(signal.SIGINT, self._on_sigint)
+        self._start_async()
+        try:
+            return self._train_loop(eval_before, bar, previous)
+        finally:
+            self._stop_async()
+
+    def _train_loop(
+        self, eval_before: dict[str, float] | None, bar: Any, previous: Any
+    ) -> TrainResult:
+        """The steps, then the final checkpoint, evaluation and export (see `train`)."""
+        cfg = self.cfg
+        interrupted = False
+        metrics: dict[str, float] = {}
         try:
             while self.step < cfg.steps:
                 start_state = (self.sampler.state_dict(), ckpt.rng_state())
@@ -651,6 +737,8 @@ class ALPTrainer:
                     # sampler/RNG and checkpoint the end of the previous step.
                     self.sampler.load_state_dict(start_state[0])
                     ckpt.set_rng_state(start_state[1])
+                    if self.ahead is not None:  # batches sampled in this step go back too
+                        self.ahead.undo_fill()
                     interrupted = True
                     break
                 self.step += 1
@@ -679,12 +767,50 @@ class ALPTrainer:
             return self._result(True, eval_before, None, metrics, None)
         if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
             self.save_checkpoint()
+        self._stop_async()  # the engine is the main thread's again, with the final weights
         eval_after = self._record_eval("after") if cfg.eval.after and self.eval_problems else None
         export = self._export()
         result = self._result(False, eval_before, eval_after, metrics, export)
         if self.is_main:
             self._say(format_summary(result))
         return result
+
+    def _start_async(self) -> None:
+        """``rollout.async_steps > 0``: start the engine worker and the batches ahead.
+
+        On a CPU the two threads split torch's intra-op threads (`split_cpu_threads`: each
+        thread's count is its own), else both would start a full OpenMP team on the same cores.
+        """
+        n = self.cfg.rollout.async_steps
+        if not n or self.ahead is not None:
+            return
+        from alp_agents.rollout.worker import EngineWorker, split_cpu_threads
+
+        worker_threads = None
+        self._threads_before = torch.get_num_threads()
+        if self.device.type == "cpu":
+            trainer_threads, worker_threads = split_cpu_threads(self._threads_before)
+            torch.set_num_threads(trainer_threads)
+        worker = EngineWorker(self.engine, version=self.step, threads=worker_threads)
+        self.ahead = AheadRollouts(
+            worker,
+            ahead=n,
+            last_step=self.cfg.steps,
+            sample=self._sample_problems,
+            roll_out=self._roll_out,
+        )
+        self.ahead.restore(self._restored_batches)
+        self._restored_batches = []
+
+    def _stop_async(self) -> None:
+        """Stop the worker (queued batches dropped, a running one stopped, thread joined) and
+        give the engine the trainer's weights again. Safe to call twice."""
+        if self.ahead is None:
+            return
+        ahead, self.ahead = self.ahead, None
+        ahead.close()
+        torch.set_num_threads(self._threads_before)
+        self.engine_sync()
 
     def _export(self) -> Path | None:
         """The plain ``from_pretrained`` export in ``run_dir/final`` (if configured)."""
@@ -713,8 +839,11 @@ class ALPTrainer:
         )
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.update.in_progress and not self._interrupt_requested:
-            # Finish the optimiser steps of this batch so the checkpoint is a clean step boundary.
+        busy = self.update.in_progress or self._saving
+        if busy and not self._interrupt_requested:
+            # Finish the optimiser steps of this batch (or the checkpoint being written, which
+            # asynchronously waits for the batches rolled out ahead) so the checkpoint is a
+            # clean step boundary.
             self._interrupt_requested = True
             self._say(
                 "\nCtrl-C: finishing this update, then saving a checkpoint (Ctrl-C again to abort) ..."

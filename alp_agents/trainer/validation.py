@@ -73,6 +73,12 @@ def validate_config(cfg: TrainConfig) -> None:
     ):
         if int(value) < 1:
             raise bad(name, value, "must be >= 1")
+    if not isinstance(cfg.rollout.async_steps, int) or cfg.rollout.async_steps < 0:
+        raise bad(
+            "rollout.async_steps",
+            cfg.rollout.async_steps,
+            "must be an integer >= 0 (0: synchronous rollouts)",
+        )
     if cfg.algorithm.mini_batches > cfg.rollout.prompts_per_step * cfg.rollout.group_size:
         raise bad(
             "algorithm.mini_batches",

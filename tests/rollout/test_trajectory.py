@@ -307,3 +307,39 @@ def test_collate_pads_right_and_aligns_columns_with_tokens():
     assert batch["is_infra_failure"].tolist() == [False, False, True]
     with pytest.raises(ValueError, match="at least one"):
         collate([], pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    ("versions", "invariant"),
+    [
+        ([3], "one policy version per turn"),
+        ([3, 4, 5], "one policy version per turn"),
+        ([3, -1], "non-negative ints"),
+        ([3, 4.0], "non-negative ints"),
+        ([3, True], "non-negative ints"),
+        ([4, 3], "never decrease"),
+    ],
+)
+def test_policy_versions_are_validated(versions, invariant):
+    two_turn(policy_versions=[3, 3]).validate()
+    two_turn(policy_versions=[3, 5]).validate()  # weights may move between turns
+    with pytest.raises(TrajectoryError, match=invariant):
+        two_turn(policy_versions=versions).validate()
+
+
+def test_policy_versions_round_trip_and_collate_per_token(tmp_path):
+    """Each response token carries its turn's version; a schema-1 file (no versions) loads
+    with none, and its tokens are -1 (unknown) in the batch."""
+    a = two_turn(policy_versions=[7, 9])
+    old = two_turn().to_dict()
+    del old["policy_versions"]
+    old["schema_version"] = 1
+    path = save_jsonl(tmp_path / "t.jsonl", [a])
+    with path.open("a") as fh:
+        fh.write(json.dumps(old) + "\n")
+    loaded, legacy = load_jsonl(path)
+    assert loaded == a and legacy.policy_versions == []
+    batch = collate([a, legacy], pad_token_id=0)
+    p = len(a.prompt_ids)
+    assert batch["policy_version"][0].tolist() == [-1] * p + [7] * 7 + [9] * 3
+    assert batch["policy_version"][1].tolist() == [-1] * (p + 10)

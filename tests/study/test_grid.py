@@ -87,3 +87,23 @@ def test_cells_are_validated_like_training_runs_before_anything_runs(tmp_path):
     cells = resolve_cells(StudySpec(presets=["alp", "grpo"], seeds=[0]), base, tmp_path)
     assert [c.id for c, _ in cells] == ["alp-s0", "grpo-s0"]
     assert isinstance(cells[0][0], Cell)
+
+
+def test_the_staleness_lag_is_a_study_knob(tmp_path):
+    """``--sweep rollout.async_steps=0,1,2`` (asynchronous rollouts, docs/training.md) resolves
+    to validated cells whose overrides carry the lag; a negative lag fails naming the cell."""
+    from alp_agents.study.runner import resolve_cells
+
+    base = [ROOT / "train" / "configs" / "study_offpolicy_cpu.yaml"]
+    args, rest = _parser().parse_known_args(
+        ["--presets", "alp", "--seeds", "0", "--sweep", "rollout.async_steps=0,1,2"]
+    )
+    cells = resolve_cells(build_spec(args, rest, base), base, tmp_path)
+    assert [c.id for c, _ in cells] == [f"alp-async_steps={n}-s0" for n in (0, 1, 2)]
+    for n, (_, overrides) in enumerate(cells):
+        assert f"rollout.async_steps={n}" in overrides
+    bad = StudySpec(presets=["alp"], seeds=[0], sweep={"rollout.async_steps": [-1]})
+    with pytest.raises(
+        ConfigError, match=r"study cell alp-async_steps=-1-s0: rollout.async_steps=-1"
+    ):
+        resolve_cells(bad, base, tmp_path)
