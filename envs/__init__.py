@@ -36,7 +36,17 @@ from .registration import (
     register,
     registered,
 )
-from .tools import Tool, ToolCall, ToolCallError, ToolEnv, parse_tool_calls, tool
+from .tool_formats import ToolFormat, get_tool_format, register_tool_format, tool_formats
+from .tools import (
+    Tool,
+    ToolCall,
+    ToolCallError,
+    ToolContext,
+    ToolEnv,
+    ToolExample,
+    parse_tool_calls,
+    tool,
+)
 
 register("alp/Math-v0", "envs.math_env:MathEnv")
 register("alp/PythonTool-v0", "envs.python_tool_env:PythonToolEnv")
@@ -68,7 +78,10 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolCallError",
+    "ToolContext",
     "ToolEnv",
+    "ToolExample",
+    "ToolFormat",
     "TurnOutcome",
     "UnknownEnvError",
     "VerifierPool",
@@ -78,6 +91,7 @@ __all__ = [
     "discover_plugins",
     "extract_answer",
     "extract_boxed",
+    "get_tool_format",
     "grade",
     "load_dataset",
     "make",
@@ -85,8 +99,10 @@ __all__ = [
     "read_jsonl",
     "register",
     "register_generator",
+    "register_tool_format",
     "registered",
     "shared_sandbox",
     "tool",
+    "tool_formats",
     "write_jsonl",
 ]

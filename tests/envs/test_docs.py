@@ -23,6 +23,7 @@ MODULES = [
     "envs.python_tool_env",
     "envs.registration",
     "envs.text",
+    "envs.tool_formats",
     "envs.tools",
 ]
 

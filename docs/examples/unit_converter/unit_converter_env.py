@@ -110,6 +110,13 @@ class UnitConverterEnv(envs.ToolEnv):
     """Answer unit-conversion questions with the ``convert`` tool; finish with ``\\boxed{number}``."""
 
     tools = [convert]
+    #: ``one_shot=True`` shows this solved episode first, in the env's call format.
+    example = envs.ToolExample(
+        question="Convert 3.5 mi to km. Give the result rounded to 2 decimal places.",
+        tool="convert",
+        arguments={"value": 3.5, "from_unit": "mi", "to_unit": "km"},
+        answer="5.63",
+    )
     default_max_turns = 3
     default_instruction = ""  # the system prompt (built from the tools) says everything
 
