@@ -141,3 +141,8 @@ class UnitConverterEnv(envs.ToolEnv):
 def register() -> None:
     """Make ``envs.make("units/Convert-v0")`` work in this process (pip users get it from the entry point)."""
     envs.register("units/Convert-v0", UnitConverterEnv)
+
+
+# Importing the module registers the env, as it registers its dataset: what
+# `train/evaluate.py --import unit_converter_env` relies on (register() again is harmless).
+register()
