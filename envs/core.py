@@ -124,7 +124,8 @@ class TextEnv(gymnasium.Env):
         answer_extraction: "boxed" (default), "boxed_or_number" (GSM8K-style fallback) or "raw".
         grade_timeout_s: hard limit for one verification (exceeded -> unverifiable).
         max_tool_errors: end the episode with ``finish_reason="tool_error"`` after this many
-            consecutive failed tool calls (None: never).
+            consecutive TURNS whose tool calls failed (``TurnOutcome.tool_error``: for ToolEnv,
+            at least one call of the turn failed; None: never).
         render_mode: None or "ansi" (``render()`` returns the transcript).
     """
 

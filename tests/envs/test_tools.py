@@ -491,3 +491,23 @@ def test_one_shot_options():
     assert given.one_shot[2]["content"] == "<tool_response>\n0\n</tool_response>"
     raw = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert AddEnv(problems=PROBLEMS, one_shot=raw).one_shot == raw  # messages used as they are
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder"])
+def test_template_mode_passes_check_env_in_both_formats(fmt):
+    @envs.tool
+    async def slow_add(a: int, b: int) -> int:
+        """Add two integers, slowly.
+
+        Args:
+            a: the first number.
+            b: the second number.
+        """
+        return a + b
+
+    example = envs.ToolExample("What is 2 + 3?", "slow_add", {"a": 2, "b": 3}, answer="5")
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[slow_add], tool_format=fmt, one_shot=example)
+    assert env.one_shot[2]["content"] == "<tool_response>\n5\n</tool_response>"  # awaited once
+    env.configure_tool_prompt(True)
+    call = env.tool_format.format_call("slow_add", {"a": 40, "b": 2})
+    assert envs.check_env(env, actions=[call, "\\boxed{42}"]).ok
