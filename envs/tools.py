@@ -361,10 +361,10 @@ def parse_tool_calls(
 class ToolExample:
     """A solved example episode shown before the question (``ToolEnv(one_shot=...)``).
 
-    The env writes it in its own call format: the question, one call of ``tool`` with
-    ``arguments``, the tool's result, then ``The answer is \\boxed{answer}.`` A small model that
-    has never seen the format copies it from here (the 135M default needs it to call at all:
-    docs/environments.md has the measurement).
+    The env writes it in its own call format: the question, ``thought`` then one call of
+    ``tool`` with ``arguments``, the tool's result, then ``The answer is \\boxed{answer}.`` A small
+    model that has never seen the format copies it from here (docs/environments.md has the
+    measurement on the 135M default: a ``thought`` before the call made the difference).
 
     Attributes:
         question: the example question (the env's instruction is prepended, as for real ones).
@@ -373,6 +373,8 @@ class ToolExample:
         answer: the final answer written in ``\\boxed{}``.
         result: the tool's output text; None runs the tool once when the env is built (give it
             for tools that need a :class:`ToolContext`).
+        thought: what the assistant writes before its call (e.g. "I will use the convert
+            tool."); "" for none.
     """
 
     question: str
@@ -380,6 +382,7 @@ class ToolExample:
     arguments: dict[str, Any]
     answer: str
     result: str | None = None
+    thought: str = ""
 
 
 # ----------------------------------------------------------------------------- the env base
@@ -541,14 +544,15 @@ class ToolEnv(TextEnv):
                 "function": {"name": example.tool, "arguments": dict(example.arguments)},
             }
             exchange = [
-                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "assistant", "content": example.thought, "tool_calls": [call]},
                 {"role": "tool", "content": self._example_result},
             ]
         else:
             exchange = [
                 {
                     "role": "assistant",
-                    "content": self.tool_format.format_call(example.tool, example.arguments),
+                    "content": example.thought
+                    + self.tool_format.format_call(example.tool, example.arguments),
                 },
                 self.observation_message(self.tool_format.format_responses([self._example_result])),
             ]

@@ -511,3 +511,13 @@ def test_template_mode_passes_check_env_in_both_formats(fmt):
     env.configure_tool_prompt(True)
     call = env.tool_format.format_call("slow_add", {"a": 40, "b": 2})
     assert envs.check_env(env, actions=[call, "\\boxed{42}"]).ok
+
+
+def test_a_thought_is_written_before_the_example_call_in_both_modes():
+    example = envs.ToolExample("What is 2 + 3?", "add", {"a": 2, "b": 3}, "5", thought="I add.\n")
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[add], one_shot=example)
+    assert env.one_shot[1]["content"] == "I add.\n" + env.tool_format.format_call(
+        "add", example.arguments
+    )
+    env.configure_tool_prompt(True)
+    assert env.one_shot[1]["content"] == "I add.\n" and env.one_shot[1]["tool_calls"]

@@ -116,6 +116,7 @@ class UnitConverterEnv(envs.ToolEnv):
         tool="convert",
         arguments={"value": 3.5, "from_unit": "mi", "to_unit": "km"},
         answer="5.63",
+        thought="I will use the convert tool.\n",
     )
     default_max_turns = 3
     default_instruction = ""  # the system prompt (built from the tools) says everything
