@@ -43,7 +43,17 @@ from .registration import (
     registered,
 )
 from .rewards import RewardFunc, RewardInput, Rubric
-from .tools import Tool, ToolCall, ToolCallError, ToolEnv, parse_tool_calls, tool
+from .tool_formats import ToolFormat, get_tool_format, register_tool_format, tool_formats
+from .tools import (
+    Tool,
+    ToolCall,
+    ToolCallError,
+    ToolContext,
+    ToolEnv,
+    ToolExample,
+    parse_tool_calls,
+    tool,
+)
 
 register("alp/Math-v0", "envs.math_env:MathEnv")
 register("alp/PythonTool-v0", "envs.python_tool_env:PythonToolEnv")
@@ -76,7 +86,10 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolCallError",
+    "ToolContext",
     "ToolEnv",
+    "ToolExample",
+    "ToolFormat",
     "TurnOutcome",
     "RewardFunc",
     "RewardInput",
@@ -89,6 +102,7 @@ __all__ = [
     "discover_plugins",
     "extract_answer",
     "extract_boxed",
+    "get_tool_format",
     "grade",
     "is_dataset_file",
     "load_dataset",
@@ -98,9 +112,11 @@ __all__ = [
     "read_problem_file",
     "register",
     "register_generator",
+    "register_tool_format",
     "registered",
     "rewards",
     "shared_sandbox",
     "tool",
+    "tool_formats",
     "write_jsonl",
 ]

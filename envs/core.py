@@ -126,7 +126,8 @@ class TextEnv(gymnasium.Env):
         answer_extraction: "boxed" (default), "boxed_or_number" (GSM8K-style fallback) or "raw".
         grade_timeout_s: hard limit for one verification (exceeded -> unverifiable).
         max_tool_errors: end the episode with ``finish_reason="tool_error"`` after this many
-            consecutive failed tool calls (None: never).
+            consecutive TURNS whose tool calls failed (``TurnOutcome.tool_error``: for ToolEnv,
+            at least one call of the turn failed; None: never).
         rubric: weighted reward functions (:class:`envs.Rubric`) scored after every step; the
             step reward is their weighted sum and ``info["rewards"]`` their values. None: the
             class attribute ``rubric``; when that is None too, the reward is the grade's score

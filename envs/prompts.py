@@ -16,8 +16,11 @@ authors' prompt has none (``one_shot=False``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-Message = dict[str, str]
+#: A chat message: ``role`` and ``content`` (str), and for an assistant turn of a one-shot
+#: example possibly ``tool_calls`` (rendered by a chat template that supports tools).
+Message = dict[str, Any]
 
 MATH_INSTRUCTION = (
     "Solve the following math problem step by step. Put your final answer within \\boxed{}."
@@ -81,6 +84,6 @@ def build_messages(
     messages: list[Message] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.extend({"role": m["role"], "content": m["content"]} for m in one_shot or ())
+    messages.extend(dict(m) for m in one_shot or ())
     messages.append({"role": "user", "content": format_question(question, instruction, template)})
     return messages

@@ -15,7 +15,9 @@ per turn (the turn then goes to the env as it is; ``stats["capped_turns"]``).
 Token-in, token-out (the invariant that keeps importance ratios honest):
 
 * ``prompt_ids`` = the chat template applied to the env's initial messages, with the generation
-  prompt (`alp_agents.rollout.chat.ChatDelta`);
+  prompt (`alp_agents.rollout.chat.ChatDelta`); a tool env whose tools the template renders
+  (``env.configure_tool_prompt``, asked before ``reset``) has them passed as ``tools=`` to
+  every render of its episode (recorded in ``metrics["tools"]``);
 * the engine is given exactly ``prompt_ids + response_ids`` so far; its sampled ids are appended
   verbatim with ``loss_mask`` 1 and its log-probs (including an end-of-turn token it sampled);
 * after a turn, the template's assistant-closing tokens are appended (mask 0): all of them when
@@ -69,7 +71,7 @@ from typing import Any
 
 from alp_agents.common.seeding import derive_seed
 from alp_agents.reporting.console import progress_bar
-from alp_agents.rollout.chat import ChatDelta
+from alp_agents.rollout.chat import ChatDelta, template_renders_tools
 from alp_agents.rollout.engines.base import InferenceEngine, Sample, SamplingParams
 from alp_agents.rollout.trajectory import StepRecord, Trajectory, grade_record, tool_call_record
 
@@ -283,11 +285,12 @@ def run_episodes(
     episodes: list[_Episode] = []
     try:
         t_env = time.perf_counter()
+        renders_tools = template_renders_tools(tokenizer)
         episodes = list(
             pool.map(
                 lambda i: _start_episode(
                     i, i // group_size, problems[i // group_size], env_id_or_factory, env_kwargs,
-                    tokenizer, seed,
+                    tokenizer, seed, renders_tools,
                 ),
                 range(n),
             )
@@ -382,14 +385,18 @@ def _start_episode(
     env_kwargs: dict[str, Any],
     tokenizer: Any,
     seed: int | None,
+    renders_tools: bool,
 ) -> _Episode:
     env = _make_env(env_id_or_factory, env_kwargs)
+    base = getattr(env, "unwrapped", env)
+    # A tool env decides where its schemas go for this template (envs.ToolEnv.configure_tool_prompt).
+    configure = getattr(base, "configure_tool_prompt", None)
+    tools = configure(renders_tools) if configure is not None else None
     _, info = env.reset(
         seed=None if seed is None else seed + index, options=_reset_options(problem)
     )
     messages = [dict(m) for m in info["messages"]]
-    delta = ChatDelta(tokenizer, messages)
-    base = getattr(env, "unwrapped", env)
+    delta = ChatDelta(tokenizer, messages, tools=tools)
     return _Episode(
         index=index,
         group_id=group_id,
@@ -404,6 +411,7 @@ def _start_episode(
             "observation_tokens_dropped": 0,
             "initial_messages": len(messages),
             "deferred_stops": 0,
+            **({"tools": delta.tools} if delta.tools else {}),
         },
     )
 

@@ -61,10 +61,17 @@ class ChatTemplateError(ValueError):
     own turns (which it may rewrite: see the module docstring)."""
 
 
-def render(tokenizer: Any, messages: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
-    """The chat template's text for ``messages`` (no tokenisation)."""
+def render(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The chat template's text for ``messages`` (no tokenisation); ``tools``: JSON schemas
+    for the template's ``tools=`` argument."""
+    extra = {"tools": list(tools)} if tools else {}
     text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt, **extra
     )
     if not isinstance(text, str):  # some versions return a list for batched input
         raise ChatTemplateError(f"apply_chat_template returned {type(text).__name__}, not str")
@@ -82,17 +89,25 @@ class ChatDelta:
     Args:
         tokenizer: a tokenizer with a chat template.
         initial_messages: the episode's first messages (system/user), as ``env.reset`` gives them.
+        tools: the tools' JSON schemas, passed as ``tools=`` to every render of the episode (the
+            env's ``configure_tool_prompt`` decides; None: the template renders no tools).
     """
 
-    def __init__(self, tokenizer: Any, initial_messages: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        initial_messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError("the tokenizer has no chat_template; set one before rollout")
         self.tokenizer = tokenizer
         self.initial_messages = [dict(m) for m in initial_messages]
-        self._prompt_text = render(tokenizer, self.initial_messages, generation_prompt=True)
+        self.tools = [dict(t) for t in tools] if tools else None
+        self._prompt_text = render(tokenizer, self.initial_messages, True, self.tools)
         self.prompt_ids = encode(tokenizer, self._prompt_text)
         self._base = [*self.initial_messages, {"role": "assistant", "content": PLACEHOLDER}]
-        base_text = render(tokenizer, self._base, generation_prompt=False)
+        base_text = render(tokenizer, self._base, False, self.tools)
         at = base_text.rfind(PLACEHOLDER)
         if at < 0:
             raise ChatTemplateError(
@@ -133,7 +148,7 @@ class ChatDelta:
         assistant turns are supported; `ChatTemplateError` if the template changes anything
         else once messages are appended (see `_split_after_turn`).
         """
-        full = render(self.tokenizer, [*self._base, *new_messages], generation_prompt=True)
+        full = render(self.tokenizer, [*self._base, *new_messages], True, self.tools)
         return encode(self.tokenizer, self._split_after_turn(full))
 
     def rewrites_history(self, new_messages: Sequence[dict[str, Any]]) -> bool:
@@ -148,14 +163,14 @@ class ChatDelta:
         """
         probe = f"<think>\n{REASONING_PLACEHOLDER}\n</think>\n\n{PLACEHOLDER}"
         messages = [*self.initial_messages, {"role": "assistant", "content": probe}]
-        full = render(self.tokenizer, [*messages, *new_messages], generation_prompt=True)
+        full = render(self.tokenizer, [*messages, *new_messages], True, self.tools)
         return probe not in full
 
     @cached_property
     def _history_text(self) -> str:
         """The initial messages alone, without a generation prompt (rendered on first use: a
         single-turn episode never needs it)."""
-        return render(self.tokenizer, self.initial_messages, generation_prompt=False)
+        return render(self.tokenizer, self.initial_messages, False, self.tools)
 
     def _split_after_turn(self, full: str) -> str:
         """The text of ``full`` (the base conversation plus new messages, rendered) after the
@@ -197,3 +212,34 @@ class ChatDelta:
                 " with messages after it"
             )
         return after[len(self.closing_text) :]
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "alp_probe_tool",
+        "description": "Probe whether the chat template renders tools.",
+        "parameters": {
+            "type": "object",
+            "properties": {"x": {"type": "string", "description": "a value."}},
+            "required": ["x"],
+        },
+    },
+}
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """True when the chat template renders ``tools=`` (its text changes and names the tool).
+
+    SmolLM2's template ignores ``tools=``: tool envs then list the schemas in their own system
+    message (``envs.ToolEnv(tool_prompt="auto")``). A template that raises when given tools
+    counts as not rendering them.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    messages = [{"role": "user", "content": "Hi"}]
+    try:
+        with_tools = render(tokenizer, messages, True, [_PROBE_TOOL])
+    except Exception:  # noqa: BLE001 - e.g. raise_exception("tools are not supported")
+        return False
+    return "alp_probe_tool" in with_tools and with_tools != render(tokenizer, messages, True)

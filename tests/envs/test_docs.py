@@ -24,6 +24,7 @@ MODULES = [
     "envs.registration",
     "envs.rewards",
     "envs.text",
+    "envs.tool_formats",
     "envs.tools",
 ]
 

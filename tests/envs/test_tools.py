@@ -282,3 +282,242 @@ def test_tool_calls_work_from_inside_a_running_event_loop():
 
     _, _, _, _, info = asyncio.run(caller())
     assert info["tool_results"][0]["output"] == "1"
+
+
+# ----------------------------------------------------------------------------- the turn rules
+
+
+def test_a_boxed_answer_before_the_first_call_ends_the_episode_one_after_it_does_not():
+    env = _env()
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step("It is \\boxed{20}. " + _call("lookup", city="Oslo"))
+    assert terminated and reward == 1.0 and info["tool_calls"] == 0  # the call never ran
+    env.reset(seed=0)
+    obs, _, terminated, _, info = env.step(_call("lookup", city="Oslo") + " so \\boxed{20}")
+    assert not terminated and info["tool_calls"] == 1 and '"city": "Oslo"' in obs
+
+
+def test_max_tool_errors_counts_turns_with_a_failed_call_not_calls():
+    env = _env(max_tool_errors=2)
+    env.reset(seed=0)
+    _, _, terminated, _, info = env.step(_call("nope") + _call("nope") + _call("nope"))
+    assert not terminated and info["tool_calls"] == 3  # three failed calls, one failing turn
+    _, _, terminated, _, info = env.step(_call("lookup", city="Oslo") + _call("nope"))
+    assert terminated and info["finish_reason"] == "tool_error"  # a turn with any failure counts
+
+
+# ----------------------------------------------------------------------------- stateful tools
+
+
+class NotebookEnv(envs.ToolEnv):
+    """Tools that share per-episode state; setup/cleanup are logged to check their timing."""
+
+    log: list[str] = []
+
+    def setup_state(self, state):
+        state["notes"] = []
+        self.log.append(f"setup {self.problem.id}")
+
+    def cleanup_state(self, state):
+        self.log.append(f"cleanup {state['notes']}")
+
+
+@envs.tool
+def note(text: str, ctx: envs.ToolContext) -> str:
+    """Write a note for this episode.
+
+    Args:
+        text: the note.
+    """
+    ctx.state["notes"].append(text)
+    return f"{len(ctx.state['notes'])} notes on {ctx.problem.id} at turn {ctx.turn}"
+
+
+@envs.tool
+async def count_notes(ctx: envs.ToolContext) -> int:
+    """How many notes this episode has."""
+    return len(ctx.state["notes"])
+
+
+def test_a_tool_context_parameter_is_hidden_from_the_model_and_filled_by_the_env():
+    assert note.context_parameter == "ctx" and count_notes.context_parameter == "ctx"
+    assert note.schema()["function"]["parameters"] == {
+        "type": "object",
+        "properties": {"text": {"type": "string", "description": "the note."}},
+        "required": ["text"],
+    }
+    assert (
+        '"ctx"'
+        not in envs.ToolEnv(
+            problems=[{"id": "p", "question": "q", "answer": "1"}], tools=[note]
+        ).tool_system_prompt()
+    )
+    with pytest.raises(TypeError, match="takes a ToolContext"):
+        note.call({"text": "x"})
+    with pytest.raises(ToolCallError, match=r"unknown argument\(s\) \['ctx'\]"):
+        note.validate({"text": "x", "ctx": {}})  # the model cannot set it
+    with pytest.raises(TypeError, match="more than one ToolContext"):
+
+        @envs.tool
+        def twice(a: envs.ToolContext, b: envs.ToolContext) -> None:
+            """Two contexts."""
+
+
+def test_stateful_tools_share_the_episode_state_and_it_is_fresh_every_episode():
+    NotebookEnv.log = []
+    env = NotebookEnv(
+        problems=[{"id": "a", "question": "q", "answer": "1"}, {"id": "b", "question": "q", "answer": "2"}],
+        tools=[note, count_notes],
+    )  # fmt: skip
+    env.reset(seed=0, options={"problem_id": "a"})
+    obs, *_ = env.step(_call("note", text="x") + _call("note", text="y"))
+    assert "2 notes on a at turn 1" in obs
+    _, _, _, _, info = env.step(_call("count_notes"))
+    assert info["tool_results"][0]["output"] == "2"
+    env.reset(options={"problem_id": "b"})  # the unfinished episode is cleaned up first
+    _, _, _, _, info = env.step(_call("count_notes"))
+    assert info["tool_results"][0]["output"] == "0"
+    env.step("\\boxed{2}")  # the end of the episode cleans up
+    assert env.log == ["setup a", "cleanup ['x', 'y']", "setup b", "cleanup []"]
+    assert env.episode_state is None
+    env.close()
+    assert len(env.log) == 4  # nothing left to clean
+
+
+# ----------------------------------------------------------------------------- one-shot and prompt
+
+
+@envs.tool
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first number.
+        b: the second number.
+    """
+    return a + b
+
+
+EXAMPLE = envs.ToolExample("What is 2 + 3?", "add", {"a": 2, "b": 3}, answer="5")
+PROBLEMS = [{"id": "p", "question": "What is 40 + 2?", "answer": "42"}]
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder"])
+def test_one_shot_example_is_written_in_the_env_s_call_format(fmt):
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[add], tool_format=fmt, one_shot=EXAMPLE)
+    _, info = env.reset(seed=0)
+    system, *shot, question = info["messages"]
+    fmt_ = envs.get_tool_format(fmt)
+    assert system["content"].startswith(
+        "When you know the final answer, write it within \\boxed{}."
+    )
+    assert fmt_.instructions() in system["content"] and '"name": "add"' in system["content"]
+    assert shot == [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": fmt_.format_call("add", {"a": 2, "b": 3})},
+        {"role": "user", "content": "<tool_response>\n5\n</tool_response>"},  # the tool ran
+        {"role": "assistant", "content": "The answer is \\boxed{5}."},
+    ]
+    assert question == {"role": "user", "content": "What is 40 + 2?"}
+    # The call as the example writes it is a call the env runs.
+    obs, *_ = env.step(fmt_.format_call("add", {"a": 40, "b": 2}))
+    assert obs == "<tool_response>\n42\n</tool_response>"
+
+
+def test_template_rendered_tools_change_the_prompt_the_one_shot_and_the_observations():
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[add], one_shot=EXAMPLE, system_prompt="Box it.")
+    assert env.configure_tool_prompt(template_renders_tools=True) == [add.schema()]
+    _, info = env.reset(seed=0)
+    assert info["messages"][0] == {
+        "role": "system",
+        "content": "Box it.",
+    }  # the template lists tools
+    assert info["messages"][2:4] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+            ],
+        },
+        {"role": "tool", "content": "5"},
+    ]
+    _, _, _, _, info = env.step(_call("add", a=1, b=2) + _call("add", a="x", b=2))
+    assert info["messages"] == [
+        {"role": "tool", "content": "3"},
+        {"role": "tool", "content": "Error: add: argument 'a' must be an integer, got str 'x'"},
+    ]
+    # A template without tools: back to the system message (explicitly, for the next episode).
+    assert env.configure_tool_prompt(template_renders_tools=False) is None
+    _, info = env.reset(seed=0)
+    assert "Tools:\n" in info["messages"][0]["content"]
+    assert info["messages"][3]["content"] == "<tool_response>\n5\n</tool_response>"
+
+
+def test_tool_prompt_options_are_checked():
+    system = envs.ToolEnv(problems=PROBLEMS, tools=[add], tool_prompt="system")
+    assert system.configure_tool_prompt(True) is None and not system.tools_in_template
+    template = envs.ToolEnv(problems=PROBLEMS, tools=[add], tool_prompt="template")
+    with pytest.raises(ValueError, match="does not render tools"):
+        template.configure_tool_prompt(False)
+    with pytest.raises(ValueError, match="tool_prompt must be one of"):
+        envs.ToolEnv(problems=PROBLEMS, tools=[add], tool_prompt="native")
+
+
+def test_one_shot_options():
+    with pytest.raises(ValueError, match="needs an example"):
+        envs.ToolEnv(problems=PROBLEMS, tools=[add], one_shot=True)
+
+    class AddEnv(envs.ToolEnv):
+        tools = [add]
+        example = EXAMPLE
+
+    assert AddEnv(problems=PROBLEMS, one_shot=True).one_shot[1]["role"] == "assistant"
+    assert AddEnv(problems=PROBLEMS).one_shot == []  # off by default
+    with pytest.raises(ValueError, match="unknown tool 'sub'"):
+        AddEnv(problems=PROBLEMS, one_shot=envs.ToolExample("q", "sub", {}, "1"))
+    with pytest.raises(ValueError, match="missing required argument"):
+        AddEnv(problems=PROBLEMS, one_shot=envs.ToolExample("q", "add", {"a": 1}, "1"))
+    with pytest.raises(ValueError, match="needs a ToolContext; give result="):
+        envs.ToolEnv(
+            problems=PROBLEMS,
+            tools=[note],
+            one_shot=envs.ToolExample("q", "note", {"text": "t"}, "1"),
+        )
+    given = envs.ToolEnv(
+        problems=PROBLEMS, tools=[count_notes],
+        one_shot=envs.ToolExample("How many?", "count_notes", {}, "0", result="0"),
+    )  # fmt: skip
+    assert given.one_shot[2]["content"] == "<tool_response>\n0\n</tool_response>"
+    raw = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert AddEnv(problems=PROBLEMS, one_shot=raw).one_shot == raw  # messages used as they are
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder"])
+def test_template_mode_passes_check_env_in_both_formats(fmt):
+    @envs.tool
+    async def slow_add(a: int, b: int) -> int:
+        """Add two integers, slowly.
+
+        Args:
+            a: the first number.
+            b: the second number.
+        """
+        return a + b
+
+    example = envs.ToolExample("What is 2 + 3?", "slow_add", {"a": 2, "b": 3}, answer="5")
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[slow_add], tool_format=fmt, one_shot=example)
+    assert env.one_shot[2]["content"] == "<tool_response>\n5\n</tool_response>"  # awaited once
+    env.configure_tool_prompt(True)
+    call = env.tool_format.format_call("slow_add", {"a": 40, "b": 2})
+    assert envs.check_env(env, actions=[call, "\\boxed{42}"]).ok
+
+
+def test_a_thought_is_written_before_the_example_call_in_both_modes():
+    example = envs.ToolExample("What is 2 + 3?", "add", {"a": 2, "b": 3}, "5", thought="I add.\n")
+    env = envs.ToolEnv(problems=PROBLEMS, tools=[add], one_shot=example)
+    assert env.one_shot[1]["content"] == "I add.\n" + env.tool_format.format_call(
+        "add", example.arguments
+    )
+    env.configure_tool_prompt(True)
+    assert env.one_shot[1]["content"] == "I add.\n" and env.one_shot[1]["tool_calls"]

@@ -109,6 +109,77 @@ QWEN3_TEMPLATE = """
 TEMPLATES = ("smollm2", "llama3", "qwen")
 """The templates every rollout invariant is tested on. ``qwen3`` (`make_template_tokenizer`)
 is tested apart (tests/rollout/test_thinking_templates.py): it rewrites history by design."""
+# Templates that render tools= (written for these tests after the Qwen2.5 and Qwen3-Coder ones):
+# the schemas and the call instructions go into the system turn, an assistant message's
+# ``tool_calls`` are written in the template's call format, ``tool`` messages are grouped
+# into one user turn of ``<tool_response>`` blocks.
+_CHATML_TURNS = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + message.content }}"
+    "{%- for call in message.tool_calls or [] %}{{- CALL(call.function) }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}"
+    "{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_SYSTEM_OPENING = (
+    "{%- if messages[0].role == 'system' %}{%- set opening = messages[0].content %}"
+    "{%- else %}{%- set opening = 'You are a helpful assistant.' %}{%- endif %}"
+    "{{- '<|im_start|>system\\n' + opening }}"
+)
+QWEN_TOOLS_TEMPLATE = (
+    "{%- macro CALL(f) %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' + f.arguments | tojson'
+    " + '}\\n</tool_call>' }}"
+    "{%- endmacro %}" + _SYSTEM_OPENING + "{%- if tools %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query."
+    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}'
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}" + _CHATML_TURNS
+)
+QWEN3_CODER_TEMPLATE = (
+    "{%- macro CALL(f) %}"
+    "{{- '\\n<tool_call>\\n<function=' + f.name + '>\\n' }}"
+    "{%- for key, value in f.arguments.items() %}"
+    "{{- '<parameter=' + key + '>\\n' }}"
+    "{%- if value is mapping or (value is iterable and value is not string) %}"
+    "{{- value | tojson }}{%- else %}{{- value | string }}{%- endif %}"
+    "{{- '\\n</parameter>\\n' }}"
+    "{%- endfor %}"
+    "{{- '</function>\\n</tool_call>' }}"
+    "{%- endmacro %}" + _SYSTEM_OPENING + "{%- if tools %}"
+    "{{- '\\n\\n# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>' }}"
+    "{%- for tool in tools %}"
+    "{{- '\\n<function>\\n<name>' + tool.function.name + '</name>\\n<description>' "
+    "+ tool.function.description + '</description>\\n<parameters>' }}"
+    "{%- for name, spec in tool.function.parameters.properties.items() %}"
+    "{{- '\\n<parameter>\\n<name>' + name + '</name>\\n<type>' + spec.type | default('any') "
+    "+ '</type>\\n</parameter>' }}"
+    "{%- endfor %}"
+    "{{- '\\n</parameters>\\n</function>' }}"
+    "{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nIf you choose to call a function ONLY reply in the following format "
+    "with NO suffix:\\n\\n<tool_call>\\n<function=example_function_name>\\n"
+    "<parameter=example_parameter_1>\\nvalue_1\\n</parameter>\\n</function>\\n</tool_call>' }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}" + _CHATML_TURNS
+)
+
+#: Templates that render ``tools=``, and the ``envs.ToolEnv(tool_format=...)`` each asks for.
+TOOL_TEMPLATES = {"qwen_tools": "hermes", "qwen3_coder": "qwen3_coder"}
 
 
 def make_template_tokenizer(base, name: str):
@@ -128,6 +199,10 @@ def make_template_tokenizer(base, name: str):
     elif name == "qwen3":  # <think> and </think> are added, non-special tokens, as in Qwen3
         tok.add_tokens(["<think>", "</think>"])
         tok.chat_template = QWEN3_TEMPLATE
+    elif name == "qwen_tools":
+        tok.chat_template = QWEN_TOOLS_TEMPLATE
+    elif name == "qwen3_coder":
+        tok.chat_template = QWEN3_CODER_TEMPLATE
     elif name != "smollm2":
         raise ValueError(name)
     return tok
@@ -291,7 +366,7 @@ class ProtocolEngine:
             _, turns = next(e for e in self.episodes if prompt[: len(e[0])] == e[0])
             text = turns.pop(0)
             ids = self.tokenizer.encode(text, add_special_tokens=False)[: params.max_tokens]
-            finish = "stop" if "```python" in text else "eos"
+            finish = "stop" if any(stop in text for stop in params.stop) else "eos"
             if finish == "eos":
                 ids.append(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
             out.append(Sample(ids, [-0.5] * len(ids), finish))

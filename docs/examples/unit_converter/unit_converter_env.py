@@ -110,6 +110,14 @@ class UnitConverterEnv(envs.ToolEnv):
     """Answer unit-conversion questions with the ``convert`` tool; finish with ``\\boxed{number}``."""
 
     tools = [convert]
+    #: ``one_shot=True`` shows this solved episode first, in the env's call format.
+    example = envs.ToolExample(
+        question="Convert 3.5 mi to km. Give the result rounded to 2 decimal places.",
+        tool="convert",
+        arguments={"value": 3.5, "from_unit": "mi", "to_unit": "km"},
+        answer="5.63",
+        thought="I will use the convert tool.\n",
+    )
     default_max_turns = 3
     default_instruction = ""  # the system prompt (built from the tools) says everything
 
@@ -134,3 +142,8 @@ class UnitConverterEnv(envs.ToolEnv):
 def register() -> None:
     """Make ``envs.make("units/Convert-v0")`` work in this process (pip users get it from the entry point)."""
     envs.register("units/Convert-v0", UnitConverterEnv)
+
+
+# Importing the module registers the env, as it registers its dataset: what
+# `train/evaluate.py --import unit_converter_env` relies on (register() again is harmless).
+register()
