@@ -175,3 +175,32 @@ def test_noise_seeds_are_reproducible_and_distinct():
 def test_docstring_examples():
     failures, tried = doctest.testmod(update_module)
     assert failures == 0 and tried > 0
+
+
+def _signal_free_batch():
+    """Two groups whose members all got the same reward: every advantage is 0."""
+    trajs = [
+        trajectory(0, 1.0, [10, 11, 2]),
+        trajectory(0, 1.0, [12, 2]),
+        trajectory(1, 0.0, [13, 14, 15, 2]),
+        trajectory(1, 0.0, [16, 2]),
+    ]
+    return build_update_batch(trajs, pad_token_id=2, scale_by_std=True, eps=1e-6)[0]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_signal_free_mini_batches_are_counted_and_optionally_skipped(skip):
+    """After a real update, AdamW moves the weights on zero-gradient mini-batches (its momentum)
+    unless skip_signal_free_steps is on; update/signal_free counts them either way."""
+    update = make_update(mini_batches=2, skip_signal_free_steps=skip)
+    first = update.run(batch_of_two_groups()[0], step=0)
+    assert first.metrics["update/signal_free"] == 0.0
+    before = [p.detach().clone() for p in update.model.parameters()]
+    result = update.run(_signal_free_batch(), step=1)
+    assert result.metrics["update/signal_free"] == 2.0
+    assert result.metrics["update/grad_norm"] == 0.0
+    moved = any(
+        not torch.equal(a, b) for a, b in zip(before, update.model.parameters(), strict=True)
+    )
+    assert moved is not skip
+    assert result.steps == (0 if skip else 2)
