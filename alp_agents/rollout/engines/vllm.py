@@ -314,6 +314,13 @@ class VLLMEngine:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (they also stop at exit); a
+        second engine in the same process (a bench, a test module) then has the cores."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def update_weights(self, model_or_state_dict: Any) -> None:
         """Push the trainer's weights into every vLLM worker without restarting it.
 
