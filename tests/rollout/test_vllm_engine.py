@@ -89,6 +89,7 @@ def test_logprobs_follow_the_trainer_convention(vllm_engine, tokenizer, default_
     vllm_gap = median_gap(default_model, prompts, samples, temperature)
     hf = HFEngine(default_model, tokenizer, dtype=torch.float32)
     hf_gap = median_gap(default_model, prompts, hf.generate(prompts, sampling), temperature)
+    print(f"[measured] T={temperature}: median gap vLLM {vllm_gap:.2e}, HFEngine {hf_gap:.2e}")
     # Same dtype, same convention: both gaps are float32 accumulation noise (~1e-5 nats).
     assert vllm_gap < 1e-3, f"T={temperature}: vLLM median gap {vllm_gap:.2e}"
     assert vllm_gap <= 10 * max(hf_gap, 1e-5), (vllm_gap, hf_gap)
@@ -108,6 +109,10 @@ def test_top_p_logprobs_are_of_the_truncated_distribution(vllm_engine, tokenizer
         reported = torch.tensor(sample.logprobs)
         assert bool((reported >= full - 1e-4).all()), "a nucleus log-prob below the full one"
         lifted.append((reported - full).max().item())
+    print(
+        f"[measured] top_p=0.8: median gap to the nucleus log-probs {truncated_gap:.2e}, "
+        f"largest lift over the full log-prob {max(lifted):.3f}"
+    )
     # Renormalising over the nucleus lifts some log-prob by a visible amount: -log(kept mass).
     assert max(lifted) > 0.01, lifted
 
@@ -138,6 +143,10 @@ def test_update_weights_after_an_optimiser_step(vllm_engine, tokenizer, default_
     [after] = vllm_engine.generate([prompt], sampling)
     to_new = median_gap(trainer, [prompt], [after])
     to_old = median_gap(default_model, [prompt], [after])
+    print(
+        f"[measured] after one AdamW step: gap to the new weights {to_new:.2e}, to the old "
+        f"{to_old:.2e}; update_weights {vllm_engine.stats['weight_update_s']:.1f} s"
+    )
     assert to_new < 1e-3, f"gap to the new weights {to_new:.2e}"
     assert to_old > 20 * to_new and to_old > 1e-3, (to_old, to_new)
 
