@@ -223,6 +223,10 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # torch.compile's start-up on a 2-core CPU is minutes (measured: engine init 325 s
+            # compiled vs ~90-150 s eager under load, docs/rollout.md); enforce_eager=False
+            # (rollout.engine_kwargs) turns it back on for long runs.
+            llm_kwargs.setdefault("enforce_eager", True)
         else:
             llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         self.dtype = resolve_vllm_dtype(dtype)
