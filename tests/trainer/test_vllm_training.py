@@ -49,7 +49,7 @@ def test_multi_turn_script_trains_and_evaluates_with_vllm(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    out = proc.stdout + proc.stderr  # progress and notes go to stderr
     assert "engine: VLLMEngine (" in out
     assert "held-out metric" in out and "pass@1" in out  # the before/after comparison
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
