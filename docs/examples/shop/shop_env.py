@@ -113,13 +113,12 @@ class ShopEnv(envs.ToolEnv):
     tools = [add_to_cart]
     #: correctness at the end (weight 1) plus 0.2 for the first turn whose calls worked.
     rubric = envs.Rubric([rewards.correctness(), rewards.tool_use(weight=0.2)])
-    #: ``one_shot=True`` shows this solved episode first, in the env's call format. The tool
-    #: takes a ToolContext, so it cannot run without an episode: the result is given.
+    #: ``one_shot=True`` shows this solved episode first, in the env's call format.
     example = envs.ToolExample(
         question="Buy 2 lemons. What do they cost in total, in cents?",
         tool="add_to_cart",
         arguments={"item": "lemon", "quantity": 2},
-        result="cart: 2 lemon; total 70 cents",
+        result="cart: 2 lemon; total 70 cents",  # the tool needs an episode: give its result
         answer="70",
         thought="I will put them in the cart.\n",
     )
@@ -136,9 +135,8 @@ class ShopEnv(envs.ToolEnv):
         state["cart"] = {}  # per episode: reset() calls this once the problem is chosen
 
     def cleanup_state(self, state: dict) -> None:
-        # Nothing to release here (a sandbox session or a connection would be closed); keep
-        # the last cart so that a test can look at it after the episode.
-        self.last_cart = dict(state["cart"])
+        # A sandbox session or a connection would be closed here.
+        self.last_cart = dict(state["cart"])  # nothing to release; kept for the tests
 
 
 def register() -> None:
