@@ -226,11 +226,17 @@ def test_a_seeded_batch_longer_than_one_prefill_chunk_generates(vllm_engine, tok
     Generator does not use offset"); a batch over vLLM's default chunk budget (8192 tokens on
     CPU) hit it at the default run's first rollout. The engine now prefills prompts whole."""
     filler = " ".join(f"step {i}: add {i} to the total." for i in range(120))
-    prompt = encode(
-        tokenizer,
-        f"<|im_start|>user\n{filler}\nWhat is the total?<|im_end|>\n<|im_start|>assistant\n",
-    )
-    assert 16 * len(prompt) > 8192 and len(prompt) < 2048
-    samples = vllm_engine.generate([prompt] * 16, SamplingParams(max_tokens=4, seed=7))
+    # sixteen different prompts (identical ones would share vLLM's prefix cache and need no
+    # second prefill chunk)
+    prompts = [
+        encode(
+            tokenizer,
+            f"<|im_start|>user\nCase {k}, {k * 7919}: {filler}\nWhat is the total?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        )
+        for k in range(16)
+    ]
+    assert sum(map(len, prompts)) > 8192 and max(map(len, prompts)) < 2048
+    samples = vllm_engine.generate(prompts, SamplingParams(max_tokens=4, seed=7))
     assert len(samples) == 16 and all(len(s.token_ids) >= 1 for s in samples)
     assert all(len(s.logprobs) == len(s.token_ids) for s in samples)
