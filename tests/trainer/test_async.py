@@ -14,11 +14,8 @@ between trainer and worker, and matmuls with another thread count may round diff
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,14 @@ import torch
 from alp_agents.trainer import TrainConfigError
 from alp_agents.trainer import checkpoint as ckpt
 
-from .test_trainer import comparable, make_trainer, resume_config, step_rows, tiny_config
+from .test_trainer import (
+    comparable,
+    interrupt_after_first_step,
+    make_trainer,
+    resume_config,
+    step_rows,
+    tiny_config,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -168,18 +172,7 @@ def test_ctrl_c_stops_the_worker_and_resume_matches(async_run, problem_files, to
     cfg = async_config(tmp_path, problem_files)
     cfg.checkpoint.every = 0  # the checkpoint must come from the Ctrl-C handler
     trainer = make_trainer(cfg, tokenizer)
-    metrics = trainer.run_dir / "metrics.jsonl"
-
-    def interrupt_after_first_step() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if metrics.exists() and metrics.read_text().count("\n") >= 1:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=interrupt_after_first_step, daemon=True)
-    watcher.start()
+    watcher = interrupt_after_first_step(trainer.run_dir / "metrics.jsonl")
     result = trainer.train()
     watcher.join()
     assert result.interrupted and not worker_threads()

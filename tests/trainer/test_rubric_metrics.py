@@ -13,7 +13,7 @@ import envs
 from envs import rewards
 
 from .conftest import LengthParityEnv
-from .test_trainer import make_trainer, tiny_config
+from .test_trainer import make_trainer, record_rollouts, tiny_config
 
 RUBRIC_ENV = "test/LengthParityRubric-v0"
 
@@ -29,15 +29,7 @@ def test_step_metrics_log_each_reward_function(tmp_path, problem_files, tokenize
     cfg = tiny_config(tmp_path, problem_files, steps=1)
     cfg.env.id = RUBRIC_ENV
     trainer = make_trainer(cfg, tokenizer)
-    seen = []
-    rollout = trainer.rollout
-
-    def recording_rollout():
-        trajs, metrics = rollout()
-        seen.extend(trajs)
-        return trajs, metrics
-
-    trainer.rollout = recording_rollout
+    seen = record_rollouts(trainer)
     m = trainer.train_step()
     n = len(seen)
     assert n == cfg.rollout.prompts_per_step * cfg.rollout.group_size

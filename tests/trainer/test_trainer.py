@@ -102,6 +102,37 @@ def make_trainer(cfg, tokenizer, **kw) -> ALPTrainer:
     return ALPTrainer(cfg, model=model, tokenizer=tokenizer, **kw)
 
 
+def interrupt_after_first_step(metrics: Path) -> threading.Thread:
+    """A started watcher that sends this process SIGINT once ``metrics`` holds a step's row
+    (what Ctrl-C during training does); join it after ``train()`` returns."""
+
+    def watch() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def record_rollouts(trainer) -> list:
+    """Wrap ``trainer.rollout`` so every trajectory it returns is also appended to the list."""
+    seen: list = []
+    rollout = trainer.rollout
+
+    def recording_rollout():
+        trajs, metrics = rollout()
+        seen.extend(trajs)
+        return trajs, metrics
+
+    trainer.rollout = recording_rollout
+    return seen
+
+
 def step_rows(run_dir: Path) -> dict[int, dict]:
     """The per-step training rows of metrics.jsonl (eval rows carry no reward/mean)."""
     return {r["step"]: r for r in read_metrics(run_dir) if "reward/mean" in r}
@@ -173,15 +204,7 @@ def test_step_metrics_are_the_values_of_the_batch(tmp_path, problems, tokenizer)
     cfg = tiny_config(tmp_path, problems, steps=1)
     cfg.algorithm.mini_batches = 4
     trainer = make_trainer(cfg, tokenizer)
-    seen = []
-    rollout = trainer.rollout
-
-    def recording_rollout():
-        trajs, metrics = rollout()
-        seen.extend(trajs)
-        return trajs, metrics
-
-    trainer.rollout = recording_rollout
+    seen = record_rollouts(trainer)
     m = trainer.train_step()
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     assert len(seen) == n and not any(t.is_infra_failure for t in seen)
@@ -250,18 +273,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, problems, tokeni
     cfg = resume_config(tmp_path, problems)
     cfg.checkpoint.every = 0  # the checkpoint must come from the Ctrl-C handler
     trainer = make_trainer(cfg, tokenizer)
-    metrics = trainer.run_dir / "metrics.jsonl"
-
-    def interrupt_after_first_step() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if metrics.exists() and metrics.read_text().count("\n") >= 1:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=interrupt_after_first_step, daemon=True)
-    watcher.start()
+    watcher = interrupt_after_first_step(trainer.run_dir / "metrics.jsonl")
     result = trainer.train()
     watcher.join()
     assert result.interrupted
