@@ -98,6 +98,7 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
     if options.get("pid_namespace"):
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     hello = {"hello": True, "root": False}
+    heap = isolation.anonymous_ranges()  # /proc is gone once the root is entered
     if options.get("root"):
         try:
             isolation.unshare(isolation.CLONE_NEWNS)
@@ -107,6 +108,9 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
             hello["note"] = f"file_allowlist: entering the root failed: {exc}"
     if own_pid_ns is not None:
         hello["pid_namespace"] = True
+    # Its own start-up wrote into (and so split) some of the server's huge pages: back them
+    # with huge pages again before any zygote is forked (see collapse_anonymous_memory).
+    isolation.collapse_anonymous_memory(heap)
     send(sock, hello)
     wake = _wakeup_pipe()
     while True:
