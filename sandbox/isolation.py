@@ -484,7 +484,7 @@ def mount_own_proc() -> None:
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
 
 
-def setup_kernel_tmp(disk_mb: int) -> None:
+def setup_kernel_tmp(disk_mb: int, scratch: list[tuple[str, str]] | None = None) -> None:
     """In a kernel (before dropping the uid): own mount + ipc namespaces and ONE tmpfs of
     ``disk_mb`` whose subdirectories are ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
     ``/run/lock`` (so the quota is shared, not per mount point).
@@ -492,17 +492,28 @@ def setup_kernel_tmp(disk_mb: int) -> None:
     Everything a snippet writes lands there (the rest of the tree is read-only) and disappears
     with its mount namespace when the kernel's processes are gone.
     """
+    if scratch is None:
+        scratch = scratch_targets()
     # SysV/POSIX IPC objects die with the kernel; its cgroup paths read as "/".
     unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP)
-    staging = SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
+    staging = scratch_staging()
     mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={disk_mb}m")
-    for name, target in SCRATCH:
-        if os.path.isdir(target):
-            sub = os.path.join(staging, name)
-            os.mkdir(sub)
-            os.chmod(sub, 0o1777)
-            mount(sub, os.path.realpath(target), None, MS_BIND)
+    for name, target in scratch:
+        sub = f"{staging}/{name}"
+        os.mkdir(sub)
+        os.chmod(sub, 0o1777)
+        mount(sub, target, None, MS_BIND)
     umount(staging, MNT_DETACH)
+
+
+def scratch_staging() -> str:
+    return SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
+
+
+def scratch_targets() -> list[tuple[str, str]]:
+    """(subdirectory name, resolved mount point) of every scratch directory that exists here.
+    The zygote resolves them once (its root is its kernels' root) instead of every kernel."""
+    return [(name, os.path.realpath(t)) for name, t in SCRATCH if os.path.isdir(t)]
 
 
 # ----------------------------------------------------------------------------- cgroups (v1)
@@ -788,13 +799,15 @@ def arm_cpu_limit(cpu_s: float) -> None:
 def _data_bytes() -> int:
     """The caller's current data segment (``VmData``: private writable mappings), bytes."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        fd = os.open("/proc/self/status", os.O_RDONLY)
+        try:
+            status = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        start = status.index(b"\nVmData:") + 8
+        return int(status[start : status.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
+        return 0
 
 
 def data_headroom_mb(memory_mb: int) -> int:
