@@ -536,8 +536,22 @@ def _own_cgroup_dir(controller: str) -> str | None:
 
 
 def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _pread_all(fd: int) -> bytes:
+    """The whole content of a (cgroup or proc) file opened once, read again from offset 0."""
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 CONTROLLERS = (
@@ -561,6 +575,10 @@ class SlotCgroups:
         self.freezer_dir = dirs.get("freezer")
         self.cpu_dir = dirs.get("cpu")
         self._configured: tuple | None = None
+        # The memory counters, read twice on every run: opened once (each read at offset 0
+        # is fresh) instead of a Python file object each time. Closed by remove().
+        self._fds: dict[str, int] = {}
+        self._maybe_frozen = False  # a FROZEN write since the last THAWED one
         if self.cpu_dir:
             with contextlib.suppress(OSError):
                 _write(f"{self.cpu_dir}/cpu.cfs_period_us", str(CPU_PERIOD_US))
@@ -591,12 +609,28 @@ class SlotCgroups:
         for d in self.dirs.values():
             _write(f"{d}/cgroup.procs", str(pid or os.getpid()))
 
+    def _read(self, directory: str | None, name: str) -> bytes | None:
+        if not directory:
+            return None
+        fd = self._fds.get(name)
+        try:
+            if fd is None:
+                fd = self._fds[name] = os.open(f"{directory}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            return _pread_all(fd)
+        except OSError:
+            return None
+
     def pids(self) -> list[int]:
+        # Opened afresh every time: cgroup v1 caches an open cgroup.procs' list, so reading
+        # a kept descriptor again shows the members of when it was first read.
         for d in (self.pids_dir, self.memory_dir, self.freezer_dir, self.cpu_dir):
             if d:
                 try:
-                    with open(f"{d}/cgroup.procs") as f:
-                        return [int(x) for x in f.read().split()]
+                    fd = os.open(f"{d}/cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        return [int(x) for x in _pread_all(fd).split()]
+                    finally:
+                        os.close(fd)
                 except OSError:
                     return []
         return []
@@ -605,6 +639,7 @@ class SlotCgroups:
         """Stop every process of the slot (a session between calls). True if frozen."""
         if not self.freezer_dir:
             return False
+        self._maybe_frozen = True  # even if the write fails: thaw() must not skip
         try:
             _write(f"{self.freezer_dir}/freezer.state", "FROZEN")
             return True
@@ -612,33 +647,37 @@ class SlotCgroups:
             return False
 
     def thaw(self) -> None:
-        if self.freezer_dir:
+        """Let the slot's processes run (and die, if they were killed while frozen). Only
+        freeze() ever freezes a slot (snippets cannot reach the cgroup files), so a slot
+        that was not frozen since it was last thawed needs no write."""
+        if self.freezer_dir and self._maybe_frozen:
             with contextlib.suppress(OSError):
                 _write(f"{self.freezer_dir}/freezer.state", "THAWED")
+                self._maybe_frozen = False
 
     def oom_kills(self) -> int:
-        if not self.memory_dir:
-            return 0
-        try:
-            with open(f"{self.memory_dir}/memory.oom_control") as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
+        data = self._read(self.memory_dir, "memory.oom_control")
+        if data:
+            for line in data.split(b"\n"):
+                if line.startswith(b"oom_kill "):
+                    with contextlib.suppress(ValueError):
                         return int(line.split()[1])
-        except OSError:
-            pass
         return 0
 
     def failcnt(self) -> int:
-        if not self.memory_dir:
-            return 0
+        data = self._read(self.memory_dir, "memory.failcnt")
         try:
-            with open(f"{self.memory_dir}/memory.failcnt") as f:
-                return int(f.read())
-        except (OSError, ValueError):
+            return int(data) if data else 0
+        except ValueError:
             return 0
 
     def remove(self) -> None:
+        self._maybe_frozen = True  # whatever happened: never leave a frozen cgroup behind
         self.thaw()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
         for d in self.dirs.values():
             with contextlib.suppress(OSError):
                 os.rmdir(d)

@@ -156,6 +156,9 @@ def _poll(readers, writers, timeout: float) -> tuple[set[int], set[int]]:
 # server checks that in /proc/<pid>/syscall ("<number> <fd> ..."). Where the file or the
 # syscall number is unknown, the claim is taken as it is (the freezer still bounds it).
 _READ_SYSCALL = {"x86_64": "0", "aarch64": "63", "riscv64": "63", "ppc64le": "3", "s390x": "3"}
+_READ_SYSCALL_HERE = (
+    _READ_SYSCALL[os.uname().machine].encode() if os.uname().machine in _READ_SYSCALL else None
+)
 IDLE_RECHECK_S = 0.0002
 
 
@@ -165,12 +168,11 @@ IDLE_SPINS = 20  # checks (yielding the CPU in between) before sleeping
 def _code_read_state(pid: int) -> bool | None:
     """True if the kernel's main thread is blocked reading the code pipe, False if not (yet),
     None if this cannot be seen here (no /proc/<pid>/syscall access, unknown architecture)."""
-    number = _READ_SYSCALL.get(os.uname().machine)
+    number = _READ_SYSCALL_HERE
     if number is None:
         return None
     try:
-        with open(f"/proc/{pid}/syscall") as f:
-            fields = f.read().split()
+        fields = _read_proc(f"/proc/{pid}/syscall").split()
     except OSError:
         return None
     if not fields or fields[0] != number:
@@ -200,11 +202,19 @@ def _in_slot_cgroups(pid: int) -> bool:
         return False
 
 
+def _read_proc(path: str) -> bytes:
+    """A small /proc file in one read (no Python file object: this is on every run's path)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def _pid_of_pidfd(pidfd: int) -> int:
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
+    for line in _read_proc(f"/proc/self/fdinfo/{pidfd}").split(b"\n"):
+        if line.startswith(b"Pid:"):
+            return int(line.split()[1])
     raise OSError("no Pid in the pidfd's fdinfo")
 
 
