@@ -787,12 +787,15 @@ class Server:
             kernel = self.to_freeze.pop()
             if kernel.kid in self.kernels and kernel.cgroups is not None:
                 kernel.frozen = kernel.cgroups.freeze()
+        # Slots drained since an earlier call first: a kernel killed just now is still dying
+        # (its slot lists it for a few ms), so checking it here would only read the slot's
+        # members and signal it again; the next tidy (or a spawn short of slots) does that.
+        self.reap_orphans()
+        self._reclaim_slots()
         while self.after_reply:
             kernel = self.after_reply.pop()
             if kernel.kid in self.kernels:
                 self.kill(kernel)
-        self.reap_orphans()
-        self._reclaim_slots()
         if self.spare is None and self.spare_limits is not None and self.free_slots:
             self.spare = self.spawn(self.spare_limits)
 
