@@ -89,6 +89,7 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
@@ -483,7 +484,7 @@ def mount_own_proc() -> None:
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
 
 
-def setup_kernel_tmp(disk_mb: int) -> None:
+def setup_kernel_tmp(disk_mb: int, scratch: list[tuple[str, str]] | None = None) -> None:
     """In a kernel (before dropping the uid): own mount + ipc namespaces and ONE tmpfs of
     ``disk_mb`` whose subdirectories are ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
     ``/run/lock`` (so the quota is shared, not per mount point).
@@ -491,17 +492,28 @@ def setup_kernel_tmp(disk_mb: int) -> None:
     Everything a snippet writes lands there (the rest of the tree is read-only) and disappears
     with its mount namespace when the kernel's processes are gone.
     """
+    if scratch is None:
+        scratch = scratch_targets()
     # SysV/POSIX IPC objects die with the kernel; its cgroup paths read as "/".
     unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP)
-    staging = SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
+    staging = scratch_staging()
     mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={disk_mb}m")
-    for name, target in SCRATCH:
-        if os.path.isdir(target):
-            sub = os.path.join(staging, name)
-            os.mkdir(sub)
-            os.chmod(sub, 0o1777)
-            mount(sub, os.path.realpath(target), None, MS_BIND)
+    for name, target in scratch:
+        sub = f"{staging}/{name}"
+        os.mkdir(sub)
+        os.chmod(sub, 0o1777)
+        mount(sub, target, None, MS_BIND)
     umount(staging, MNT_DETACH)
+
+
+def scratch_staging() -> str:
+    return SCRATCH_STAGING if os.path.isdir(SCRATCH_STAGING) else _staging_dir()
+
+
+def scratch_targets() -> list[tuple[str, str]]:
+    """(subdirectory name, resolved mount point) of every scratch directory that exists here.
+    The zygote resolves them once (its root is its kernels' root) instead of every kernel."""
+    return [(name, os.path.realpath(t)) for name, t in SCRATCH if os.path.isdir(t)]
 
 
 # ----------------------------------------------------------------------------- cgroups (v1)
@@ -524,8 +536,22 @@ def _own_cgroup_dir(controller: str) -> str | None:
 
 
 def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _pread_all(fd: int) -> bytes:
+    """The whole content of a (cgroup or proc) file opened once, read again from offset 0."""
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 CONTROLLERS = (
@@ -549,6 +575,10 @@ class SlotCgroups:
         self.freezer_dir = dirs.get("freezer")
         self.cpu_dir = dirs.get("cpu")
         self._configured: tuple | None = None
+        # The memory counters, read twice on every run: opened once (each read at offset 0
+        # is fresh) instead of a Python file object each time. Closed by remove().
+        self._fds: dict[str, int] = {}
+        self._maybe_frozen = False  # a FROZEN write since the last THAWED one
         if self.cpu_dir:
             with contextlib.suppress(OSError):
                 _write(f"{self.cpu_dir}/cpu.cfs_period_us", str(CPU_PERIOD_US))
@@ -579,12 +609,28 @@ class SlotCgroups:
         for d in self.dirs.values():
             _write(f"{d}/cgroup.procs", str(pid or os.getpid()))
 
+    def _read(self, directory: str | None, name: str) -> bytes | None:
+        if not directory:
+            return None
+        fd = self._fds.get(name)
+        try:
+            if fd is None:
+                fd = self._fds[name] = os.open(f"{directory}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            return _pread_all(fd)
+        except OSError:
+            return None
+
     def pids(self) -> list[int]:
+        # Opened afresh every time: cgroup v1 caches an open cgroup.procs' list, so reading
+        # a kept descriptor again shows the members of when it was first read.
         for d in (self.pids_dir, self.memory_dir, self.freezer_dir, self.cpu_dir):
             if d:
                 try:
-                    with open(f"{d}/cgroup.procs") as f:
-                        return [int(x) for x in f.read().split()]
+                    fd = os.open(f"{d}/cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        return [int(x) for x in _pread_all(fd).split()]
+                    finally:
+                        os.close(fd)
                 except OSError:
                     return []
         return []
@@ -593,6 +639,7 @@ class SlotCgroups:
         """Stop every process of the slot (a session between calls). True if frozen."""
         if not self.freezer_dir:
             return False
+        self._maybe_frozen = True  # even if the write fails: thaw() must not skip
         try:
             _write(f"{self.freezer_dir}/freezer.state", "FROZEN")
             return True
@@ -600,33 +647,37 @@ class SlotCgroups:
             return False
 
     def thaw(self) -> None:
-        if self.freezer_dir:
+        """Let the slot's processes run (and die, if they were killed while frozen). Only
+        freeze() ever freezes a slot (snippets cannot reach the cgroup files), so a slot
+        that was not frozen since it was last thawed needs no write."""
+        if self.freezer_dir and self._maybe_frozen:
             with contextlib.suppress(OSError):
                 _write(f"{self.freezer_dir}/freezer.state", "THAWED")
+                self._maybe_frozen = False
 
     def oom_kills(self) -> int:
-        if not self.memory_dir:
-            return 0
-        try:
-            with open(f"{self.memory_dir}/memory.oom_control") as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
+        data = self._read(self.memory_dir, "memory.oom_control")
+        if data:
+            for line in data.split(b"\n"):
+                if line.startswith(b"oom_kill "):
+                    with contextlib.suppress(ValueError):
                         return int(line.split()[1])
-        except OSError:
-            pass
         return 0
 
     def failcnt(self) -> int:
-        if not self.memory_dir:
-            return 0
+        data = self._read(self.memory_dir, "memory.failcnt")
         try:
-            with open(f"{self.memory_dir}/memory.failcnt") as f:
-                return int(f.read())
-        except (OSError, ValueError):
+            return int(data) if data else 0
+        except ValueError:
             return 0
 
     def remove(self) -> None:
+        self._maybe_frozen = True  # whatever happened: never leave a frozen cgroup behind
         self.thaw()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
         for d in self.dirs.values():
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -709,6 +760,50 @@ def leftover_cgroups() -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- memory
+
+MADV_COLLAPSE = 25  # Linux 6.1+
+HUGE_PAGE = 1 << 21
+
+
+def anonymous_ranges() -> list[tuple[int, int]]:
+    """The caller's private anonymous mappings (and the brk heap), from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5 or fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):
+            continue  # never file mappings
+        low, high = (int(v, 16) for v in fields[0].split("-"))
+        out.append((low, high))
+    return out
+
+
+def collapse_anonymous_memory(ranges: list[tuple[int, int]] | None = None) -> int:
+    """Back the caller's private anonymous memory (the warm heap) with transparent huge pages
+    where a whole aligned 2 MiB range fits (``MADV_COLLAPSE``; no sysfs setting needed, the
+    mappings are not marked ``MADV_HUGEPAGE``). Best effort; returns the bytes collapsed.
+    ``ranges``: from ``anonymous_ranges()`` (read earlier when /proc is no longer there).
+
+    Why: every kernel is a fork of a fork of this heap, and fork copies (and exit tears down)
+    one page-table entry per 4 KiB page: with ~60 MB of heap, fork and exit were ~40% of the
+    CPU of a stateless ``print(1)`` (docs/sandbox.md, Performance). A huge page is one entry.
+    Copy-on-write is unchanged: the first write to a shared huge page splits the mapping in
+    the writer and copies 4 KiB, so no process ever shares a written page with another.
+    """
+    done = 0
+    for low, high in anonymous_ranges() if ranges is None else ranges:
+        start = (low + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        end = high & ~(HUGE_PAGE - 1)
+        if end > start and _libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
+            done += end - start
+    return done
+
+
 # ----------------------------------------------------------------------------- credentials
 
 
@@ -743,13 +838,15 @@ def arm_cpu_limit(cpu_s: float) -> None:
 def _data_bytes() -> int:
     """The caller's current data segment (``VmData``: private writable mappings), bytes."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        fd = os.open("/proc/self/status", os.O_RDONLY)
+        try:
+            status = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        start = status.index(b"\nVmData:") + 8
+        return int(status[start : status.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
+        return 0
 
 
 def data_headroom_mb(memory_mb: int) -> int:

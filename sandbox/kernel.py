@@ -49,12 +49,15 @@ SETUP_EXIT = 70
 class KernelSetup:
     """Everything the child needs to lock itself down (sent by the server to the zygote)."""
 
-    def __init__(self, *, uid, seccomp_filter, private_tmp, limits, parent_pid):
+    def __init__(self, *, uid, seccomp_filter, private_tmp, limits, parent_pid, scratch=None):
         self.uid = uid  # None: do not drop
         self.seccomp_filter = seccomp_filter  # None: no seccomp
         self.private_tmp = private_tmp
         self.limits = limits
         self.parent_pid = parent_pid
+        # (subdirectory, resolved mount point) of each scratch directory, resolved once by
+        # the zygote (see isolation.scratch_targets); None: resolve here.
+        self.scratch = scratch
 
 
 def _install_fds(stdout_w: int, stderr_w: int, code_r: int, done_w: int) -> None:
@@ -72,10 +75,16 @@ def _lock_down(setup: KernelSetup) -> None:
         signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
-    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
-        f.write("0")  # the zygote protects itself from the OOM killer; a kernel must not
+    # The zygote protects itself from the OOM killer; a kernel must not. (os-level I/O here
+    # and below: every Python object a fresh kernel touches costs a copy-on-write fault.)
+    with contextlib.suppress(OSError):
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
     if setup.private_tmp:
-        isolation.setup_kernel_tmp(limits.max_disk_mb)
+        isolation.setup_kernel_tmp(limits.max_disk_mb, setup.scratch)
     os.chdir("/tmp")
     isolation.apply_rlimits(
         limits.cpu_s,
@@ -151,6 +160,15 @@ def _write_record(tag: bytes, seq: int, value: int, flags: int = 0, text: bytes 
         data = data[os.write(DONE_FD, data) :]
 
 
+def hide_own_modules() -> None:
+    """Remove the sandbox's own modules and the seccomp binding from ``sys.modules`` (they
+    stay loaded: the template, the zygotes and the kernel loop run in them), so a snippet's
+    ``import sandbox`` finds nothing. Done once in the template, which every kernel is
+    forked from, instead of scanning ``sys.modules`` in every kernel."""
+    for name in [n for n in sys.modules if n.split(".")[0] in ("sandbox", "pyseccomp")]:
+        del sys.modules[name]
+
+
 def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
     """Entry point of the forked child; never returns."""
     try:
@@ -164,10 +182,8 @@ def kernel_main(setup: KernelSetup, fds: tuple[int, int, int, int]) -> None:
             _write_record(SETUP_FAILED, 0, len(text), 0, text)
         finally:
             os._exit(SETUP_EXIT)
-    # The sandbox's own modules stay loaded (this loop runs in them) but are not offered to
-    # the snippet's imports; neither is the seccomp binding.
-    for name in [n for n in sys.modules if n.split(".")[0] in ("sandbox", "pyseccomp")]:
-        del sys.modules[name]
+    # The sandbox's own modules are not offered to the snippet's imports (the template
+    # removed them from sys.modules once: see hide_own_modules).
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     while True:
         try:

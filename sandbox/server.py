@@ -84,6 +84,7 @@ print(json.dumps({
 """
 SETUP_DEADLINE_S = 20.0  # a kernel that is not ready by then is an infrastructure failure
 STATUS_WAIT_S = 5.0  # how long to wait for the zygote's report of a kernel's exit status
+SPARES = 2  # pre-forked kernels kept ready per server
 
 
 def preimport() -> None:
@@ -115,6 +116,15 @@ class Zygote:
         self.slot, self.pid, self.sock, self.state = slot, pid, sock, state
         self.exits: dict[int, int] = {}  # kernel pid (zygote's view) -> wait status
         self.alive = True
+
+
+class PendingKernel:
+    """A spawn request sent to a zygote whose reply (the kernel's pid and pidfd) is not read
+    yet: a spare being forked while the server serves."""
+
+    def __init__(self, slot, uid, cgroups, zygote, fds, limits):
+        self.slot, self.uid, self.cgroups, self.zygote = slot, uid, cgroups, zygote
+        self.fds, self.limits = fds, limits
 
 
 class Kernel:
@@ -156,6 +166,9 @@ def _poll(readers, writers, timeout: float) -> tuple[set[int], set[int]]:
 # server checks that in /proc/<pid>/syscall ("<number> <fd> ..."). Where the file or the
 # syscall number is unknown, the claim is taken as it is (the freezer still bounds it).
 _READ_SYSCALL = {"x86_64": "0", "aarch64": "63", "riscv64": "63", "ppc64le": "3", "s390x": "3"}
+_READ_SYSCALL_HERE = (
+    _READ_SYSCALL[os.uname().machine].encode() if os.uname().machine in _READ_SYSCALL else None
+)
 IDLE_RECHECK_S = 0.0002
 
 
@@ -165,12 +178,11 @@ IDLE_SPINS = 20  # checks (yielding the CPU in between) before sleeping
 def _code_read_state(pid: int) -> bool | None:
     """True if the kernel's main thread is blocked reading the code pipe, False if not (yet),
     None if this cannot be seen here (no /proc/<pid>/syscall access, unknown architecture)."""
-    number = _READ_SYSCALL.get(os.uname().machine)
+    number = _READ_SYSCALL_HERE
     if number is None:
         return None
     try:
-        with open(f"/proc/{pid}/syscall") as f:
-            fields = f.read().split()
+        fields = _read_proc(f"/proc/{pid}/syscall").split()
     except OSError:
         return None
     if not fields or fields[0] != number:
@@ -200,11 +212,19 @@ def _in_slot_cgroups(pid: int) -> bool:
         return False
 
 
+def _read_proc(path: str) -> bytes:
+    """A small /proc file in one read (no Python file object: this is on every run's path)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def _pid_of_pidfd(pidfd: int) -> int:
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
+    for line in _read_proc(f"/proc/self/fdinfo/{pidfd}").split(b"\n"):
+        if line.startswith(b"Pid:"):
+            return int(line.split()[1])
     raise OSError("no Pid in the pidfd's fdinfo")
 
 
@@ -241,7 +261,9 @@ class Server:
         self.slot_cgroups: dict[int, isolation.SlotCgroups] = {}
         self.zygotes: dict[int, Zygote] = {}
         self.next_kid = 1
-        self.spare: Kernel | None = None
+        # Pre-forked kernels for the next calls, oldest first (a Kernel, or a PendingKernel
+        # while its zygote forks it); SPARES of them, with the limits of the last call.
+        self.spares: list[Kernel | PendingKernel] = []
         self.spare_limits: Limits | None = None
         self.after_reply: list[Kernel] = []  # stateless kernels: killed after the reply
         self.to_freeze: list[Kernel] = []  # session kernels: frozen after the reply
@@ -365,18 +387,23 @@ class Server:
     # -------------------------------------------------------------- kernels
 
     def spawn(self, limits: Limits) -> Kernel:
+        return self._complete(self._request_spawn(limits))
+
+    def _request_spawn(self, limits: Limits) -> PendingKernel:
+        """Ask a free slot's zygote to fork a kernel; the reply is read by ``_complete``, so
+        the fork (milliseconds for a warm heap) need not hold up the server."""
         if not self.free_slots:
             self._reclaim_slots(wait_s=2.0)
         if not self.free_slots:
             raise RuntimeError("no free slot (too many open sessions on this worker)")
         slot = self.free_slots.pop()
         try:
-            return self._spawn_in(slot, limits)
+            return self._request_in(slot, limits)
         except BaseException:
             self.free_slots.append(slot)
             raise
 
-    def _spawn_in(self, slot: int, limits: Limits) -> Kernel:
+    def _request_in(self, slot: int, limits: Limits) -> PendingKernel:
         cgroups = None
         if self.cgroup_manager.bases:
             cgroups = self.slot_cgroups.get(slot) or self.cgroup_manager.slot(slot)
@@ -404,27 +431,42 @@ class Server:
             raise RuntimeError(f"the slot's zygote is gone: {exc}") from exc
         for fd in (code_r, done_w, out_w, err_w):
             os.close(fd)
-        reply, fds = self._pump(z, time.monotonic() + SETUP_DEADLINE_S, want_reply=True)
-        if not reply or "pid" not in reply or len(fds) != 1:
-            for fd in (*fds, code_w, done_r, out_r, err_r):
-                os.close(fd)
-            raise RuntimeError(f"the zygote did not fork a kernel: {reply}")
-        pidfd = fds[0]
-        pid = _pid_of_pidfd(pidfd)
+        return PendingKernel(slot, uid, cgroups, z, (code_w, done_r, out_r, err_r), limits)
+
+    def _complete(self, pending: PendingKernel) -> Kernel:
+        """Read the zygote's reply to a spawn request: the kernel (registered), or
+        RuntimeError (its slot is free again)."""
+        z = pending.zygote
+        try:
+            reply, fds = self._pump(z, time.monotonic() + SETUP_DEADLINE_S, want_reply=True)
+            if not reply or "pid" not in reply or len(fds) != 1:
+                for fd in (*fds, *pending.fds):
+                    os.close(fd)
+                raise RuntimeError(f"the zygote did not fork a kernel: {reply}")
+            pidfd = fds[0]
+            try:
+                pid = _pid_of_pidfd(pidfd)
+                for fd in pending.fds:
+                    os.set_blocking(fd, False)
+            except OSError:
+                for fd in (pidfd, *pending.fds):
+                    os.close(fd)
+                raise
+        except BaseException:
+            self.free_slots.append(pending.slot)
+            raise
         z.exits.pop(int(reply["pid"]), None)  # a stale report for an earlier kernel's pid
-        for fd in (code_w, done_r, out_r, err_r):
-            os.set_blocking(fd, False)
         kernel = Kernel(
             self.next_kid,
             pid,
             int(reply["pid"]),
             pidfd,
-            slot,
-            uid,
-            cgroups,
+            pending.slot,
+            pending.uid,
+            pending.cgroups,
             z,
-            (code_w, done_r, out_r, err_r),
-            limits,
+            pending.fds,
+            pending.limits,
         )
         self.next_kid += 1
         self.kernels[kernel.kid] = kernel
@@ -710,7 +752,9 @@ class Server:
         if op == "ping":
             return {
                 "ok": True,
-                "kernel_uids": sorted(k.uid for k in self.kernels.values() if k.uid),
+                "kernel_uids": sorted(
+                    [k.uid for k in self.kernels.values() if k.uid] + self._spare_uids()
+                ),
             }
         limits = Limits.from_dict(request["limits"]) if "limits" in request else Limits()
         if op == "run":
@@ -758,18 +802,38 @@ class Server:
             return _infra(f"{type(exc).__name__}: {exc}", start)
 
     def _fresh_kernel(self, limits: Limits) -> Kernel:
-        """The pre-forked spare kernel if it matches ``limits``, else a new one.
+        """The oldest pre-forked spare kernel if it matches ``limits``, else a new one.
 
-        Forking and locking down a kernel costs a few ms; doing it for the NEXT call right
-        after replying takes it off the round trip.
+        Forking and locking down a kernel costs a few ms; doing it for the NEXT calls right
+        after replying takes it off the round trip. Two spares: a kernel forked after the
+        previous call may still be setting up when the next one arrives; the one forked a
+        call earlier is ready. Spares with other limits are discarded.
         """
-        spare, self.spare = self.spare, None
         self.spare_limits = limits
-        if spare is not None:
-            if spare.limits == limits and self._alive(spare):
-                return spare
-            self.kill(spare)
+        while self.spares:
+            spare = self.spares.pop(0)
+            if spare.limits != limits:
+                self._discard(spare)
+                continue
+            try:
+                kernel = spare if isinstance(spare, Kernel) else self._complete(spare)
+            except (RuntimeError, OSError):
+                continue  # that spare failed; the next one, or a new kernel
+            if self._alive(kernel):
+                return kernel
+            self.kill(kernel)
         return self.spawn(limits)
+
+    def _discard(self, spare: Kernel | PendingKernel) -> None:
+        if isinstance(spare, PendingKernel):
+            try:
+                spare = self._complete(spare)
+            except (RuntimeError, OSError):
+                return
+        self.kill(spare)
+
+    def _spare_uids(self) -> list[int]:
+        return [s.uid for s in self.spares if isinstance(s, PendingKernel) and s.uid]
 
     def tidy(self) -> None:
         """Work done after the reply is sent: kill finished kernels, fork the next spare."""
@@ -777,14 +841,17 @@ class Server:
             kernel = self.to_freeze.pop()
             if kernel.kid in self.kernels and kernel.cgroups is not None:
                 kernel.frozen = kernel.cgroups.freeze()
+        # Slots drained since an earlier call first: a kernel killed just now is still dying
+        # (its slot lists it for a few ms), so checking it here would only read the slot's
+        # members and signal it again; the next tidy (or a spawn short of slots) does that.
+        self.reap_orphans()
+        self._reclaim_slots()
         while self.after_reply:
             kernel = self.after_reply.pop()
             if kernel.kid in self.kernels:
                 self.kill(kernel)
-        self.reap_orphans()
-        self._reclaim_slots()
-        if self.spare is None and self.spare_limits is not None and self.free_slots:
-            self.spare = self.spawn(self.spare_limits)
+        while len(self.spares) < SPARES and self.spare_limits is not None and self.free_slots:
+            self.spares.append(self._request_spawn(self.spare_limits))
 
     def probe(self) -> None:
         """Run a real kernel; drop the layers that do not work end to end."""
@@ -834,7 +901,10 @@ class Server:
                 return
 
     def shutdown(self) -> None:
-        self.spare = None
+        spares, self.spares = self.spares, []
+        for spare in spares:
+            with contextlib.suppress(Exception):
+                self._discard(spare)
         for kernel in list(self.kernels.values()):
             self.kill(kernel)
         self._reclaim_slots(wait_s=2.0)
@@ -975,6 +1045,10 @@ def main(argv: list[str] | None = None) -> int:
         report.notes.append("isolation disabled by the caller")
     gc.collect()
     gc.freeze()
+    # Before the template is forked: the kernels' fork and exit copy and tear down one
+    # page-table entry per huge page instead of 512 (see collapse_anonymous_memory).
+    collapsed = isolation.collapse_anonymous_memory()
+    report.notes.append(f"huge pages: {collapsed >> 20} MiB of the warm heap")
     # The template is forked here, before the first request: kernels never descend from a
     # process that held another run's code or output.
     server.start_template(

@@ -29,7 +29,7 @@ import signal
 import socket
 
 from . import isolation
-from .kernel import KernelSetup, kernel_main
+from .kernel import KernelSetup, hide_own_modules, kernel_main
 from .limits import Limits
 
 MAX_PACKET = 1 << 16
@@ -98,6 +98,7 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
     if options.get("pid_namespace"):
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     hello = {"hello": True, "root": False}
+    heap = isolation.anonymous_ranges()  # /proc is gone once the root is entered
     if options.get("root"):
         try:
             isolation.unshare(isolation.CLONE_NEWNS)
@@ -107,6 +108,10 @@ def template_main(sock: socket.socket, options: dict, seccomp_filter) -> None:
             hello["note"] = f"file_allowlist: entering the root failed: {exc}"
     if own_pid_ns is not None:
         hello["pid_namespace"] = True
+    hide_own_modules()
+    # Its own start-up wrote into (and so split) some of the server's huge pages: back them
+    # with huge pages again before any zygote is forked (see collapse_anonymous_memory).
+    isolation.collapse_anonymous_memory(heap)
     send(sock, hello)
     wake = _wakeup_pipe()
     while True:
@@ -173,6 +178,7 @@ def zygote_main(sock: socket.socket, options: dict, seccomp_filter, pid_ns_error
         except OSError as exc:
             notes.append(f"slot /proc: {exc}")
     wake = _wakeup_pipe()
+    scratch = isolation.scratch_targets()  # the same for every kernel of the slot
     send(sock, {"hello": True, "notes": notes, **state})
     kernels: set[int] = set()
     while True:
@@ -205,6 +211,7 @@ def zygote_main(sock: socket.socket, options: dict, seccomp_filter, pid_ns_error
             private_tmp=bool(message.get("private_tmp")),
             limits=Limits.from_dict(message["limits"]),
             parent_pid=os.getpid(),
+            scratch=scratch,
         )
         pid = os.fork()
         if pid == 0:
