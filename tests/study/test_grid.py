@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from alp_agents.configs.loader import ConfigError
+from alp_agents.configs.loader import ConfigError, load_config
 from alp_agents.study.cli import _parser, build_spec
 from alp_agents.study.grid import Cell, StudySpec, parse_values, read_study_section
 
@@ -107,3 +107,34 @@ def test_the_staleness_lag_is_a_study_knob(tmp_path):
         ConfigError, match=r"study cell alp-async_steps=-1-s0: rollout.async_steps=-1"
     ):
         resolve_cells(bad, base, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "env_id", "dataset", "skip", "steps"),
+    [
+        ("study_offpolicy_cpu.yaml", "alp/Math-v0", "arith_small", True, 8),
+        ("study_offpolicy_cpu_v1.yaml", "alp/PythonTool-v0", "arith_hard", False, 5),
+    ],
+)
+def test_both_stress_configurations_resolve_to_valid_cells(
+    tmp_path, name, env_id, dataset, skip, steps
+):
+    """The current stress configuration and the first one (kept for studies/offpolicy-cpu)
+    both build validated cells, and differ where docs/study.md says they do."""
+    from alp_agents.configs import OTHER_SECTIONS, TrainConfig
+    from alp_agents.study.runner import resolve_cells
+
+    base = [ROOT / "train" / "configs" / name]
+    cells = resolve_cells(StudySpec(presets=["alp", "bypass"], seeds=[0]), base, tmp_path)
+    assert [c.id for c, _ in cells] == ["alp-s0", "bypass-s0"]
+    cfg = load_config(TrainConfig, base, cells[1][1], extra_sections=OTHER_SECTIONS)
+    assert (cfg.env.id, cfg.env.dataset, cfg.optim.skip_signal_free_steps, cfg.steps) == (
+        env_id,
+        dataset,
+        skip,
+        steps,
+    )
+    # shared by both: the mismatch and the staleness under study
+    assert cfg.algorithm.preset == "bypass" and cfg.algorithm.mini_batches == 4
+    assert cfg.rollout.engine_kwargs == {"round_weights_to": "bfloat16"}
+    assert (cfg.model.autocast, cfg.optim.lr, cfg.perturbation.sigma_init) == ("none", 1e-4, 0.02)
