@@ -369,8 +369,13 @@ def test_multi_turn_invariants_with_the_real_model(multi_turn_run, name):
                 assert len(tok.encode(m["content"], add_special_tokens=False)) <= 12 + 2
 
 
+# Greedy decoding under the Llama-3-style template: the 135M model writes no code block for
+# this prompt, so that case could only skip (it did on every run); the invariant needs code.
+CODE_WRITING_TEMPLATES = tuple(name for name in TEMPLATES if name != "llama3")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("name", CODE_WRITING_TEMPLATES)
 def test_sandbox_failure_is_flagged_not_scored(template_tokenizers, smollm2_bf16, name):
     """Invariant 6: the sandbox is gone (closed) when the model's code must run: the episode is
     a sandbox_error with an unverifiable grade, flagged for the learner to exclude."""
@@ -385,8 +390,6 @@ def test_sandbox_failure_is_flagged_not_scored(template_tokenizers, smollm2_bf16
         env_kwargs={**ARITH, "sandbox": dead, "stateful": False}, max_turns=1, progress=False,
     )  # fmt: skip
     wrote_code = [t for t in trajs if "```python" in t.messages[-1]["content"]]
-    if not wrote_code and name == "llama3":
-        pytest.skip("the 135M model wrote no code under the Llama-3-style template this time")
     assert wrote_code, "expected the model to write code on the one-shot prompt"
     for traj in wrote_code:
         traj.validate()
