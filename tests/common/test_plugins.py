@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from alp_agents.common.plugins import PluginImportError, import_modules, pop_imports
+from tests.tiny_models import TINY_ONE_STEP_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,21 +44,10 @@ PLUGIN = textwrap.dedent(
 )
 
 TRAIN_ARGS = [
-    "model.name=tiny-llama",
+    *TINY_ONE_STEP_ARGS,
     "env.id=plug/EvenLength-v0",
     "env.dataset=plug_numbers",
     "env.max_turns=1",
-    "rollout.prompts_per_step=2",
-    "rollout.group_size=2",
-    "rollout.max_tokens=8",
-    "rollout.engine_dtype=float32",
-    "model.autocast=none",
-    "algorithm.mini_batches=1",
-    "eval.num_problems=0",
-    "steps=1",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "checkpoint.export=false",
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import envs
+from tests.tiny_models import TINY_ONE_STEP_ARGS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -144,22 +145,11 @@ def test_shop_tutorial_trains_from_the_command_line(problem_files, tmp_path):
     done = _run_script(
         "multi_turn.py",
         [
-            "model.name=tiny-llama",
+            *TINY_ONE_STEP_ARGS,
             "env.id=shop/Cart-v0",
             f"env.dataset={problem_files}/{{split}}.parquet",
             *[f"env.dataset_columns.{c}" for c in COLUMN_ARGS],
             "env.max_turns=2",
-            "rollout.prompts_per_step=2",
-            "rollout.group_size=2",
-            "rollout.max_tokens=8",
-            "rollout.engine_dtype=float32",
-            "model.autocast=none",
-            "algorithm.mini_batches=1",
-            "eval.num_problems=0",
-            "steps=1",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "checkpoint.export=false",
             f"logging.run_dir={run_dir}",
         ],
     )
