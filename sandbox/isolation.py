@@ -715,16 +715,25 @@ class CgroupManager:
         return SlotCgroups(dirs)
 
     @classmethod
-    def remove_all(cls, launcher_pid: int, wait_s: float = 3.0) -> bool:
+    def remove_all(
+        cls, launcher_pid: int, wait_s: float = 3.0, bases: dict[str, str] | None = None
+    ) -> bool:
         """Kill what is left in this launcher's cgroups and remove them (used when its server
         is gone; dying processes keep a cgroup busy for a moment, hence the retries).
-        Returns True when none is left."""
+        Returns True when none is left.
+
+        ``bases`` are the controllers' parent directories (`own_cgroup_bases`), resolved
+        by the caller while ``/proc/self`` still worked: the launcher shares its mount
+        namespace with a server that mounts its pid namespace's /proc, where the launcher
+        has no entry, so looking them up there afterwards finds nothing and removes nothing.
+        """
+        if bases is None:
+            bases = own_cgroup_bases()
         deadline = time.monotonic() + wait_s
         while True:
             remaining = 0
-            for controller, _ in CONTROLLERS:
-                base = _own_cgroup_dir(controller)
-                if not base or not os.path.isdir(base):
+            for controller, base in bases.items():
+                if not os.path.isdir(base):
                     continue
                 for name in os.listdir(base):
                     if not name.startswith(f"{cls.PREFIX}{launcher_pid}-"):
@@ -750,12 +759,22 @@ class CgroupManager:
             time.sleep(0.02)
 
 
+def own_cgroup_bases() -> dict[str, str]:
+    """The directory of this process's cgroup for each mounted controller we use (where slot
+    cgroups are made), by controller name. Needs a /proc in which this process has an entry."""
+    bases = {}
+    for controller, _ in CONTROLLERS:
+        base = _own_cgroup_dir(controller)
+        if base:
+            bases[controller] = base
+    return bases
+
+
 def leftover_cgroups() -> list[str]:
     """All sandbox cgroups that exist now (tests check nothing is left behind)."""
     out = []
-    for controller, _ in CONTROLLERS:
-        base = _own_cgroup_dir(controller)
-        if base and os.path.isdir(base):
+    for base in own_cgroup_bases().values():
+        if os.path.isdir(base):
             out += [f"{base}/{n}" for n in os.listdir(base) if n.startswith(CgroupManager.PREFIX)]
     return out
 

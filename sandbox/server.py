@@ -1009,9 +1009,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_isolation:
         isolation.enter_server_namespaces(report)
     if report.pid_namespace:
+        # Both taken before the fork: the launcher shares its mount namespace with the server,
+        # which mounts its pid namespace's /proc over /proc, where the launcher has no entry.
+        cgroup_bases = isolation.own_cgroup_bases()
+        host_proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
         child = os.fork()
         if child:
-            return _launcher(child, launcher_pid, args)
+            return _launcher(child, launcher_pid, args, cgroup_bases, host_proc)
+        os.close(host_proc)  # the host's /proc must never reach the template or a kernel
         # (getppid() is 0 here: the launcher lives outside our pid namespace, so the usual
         # "did the parent die before prctl" check cannot be made; the window is microseconds.)
         isolation.set_parent_death_signal(signal.SIGKILL)
@@ -1069,22 +1074,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _launcher(child: int, launcher_pid: int, args) -> int:
-    """The parent outside the pid namespace: wait for the server, then clean its cgroups."""
+PF_EXITING = 0x4  # include/linux/sched.h: the task has begun to exit
+
+
+def _is_exiting(host_proc: int, pid: int) -> bool:
+    """Whether ``pid`` has begun to exit, read through a /proc directory fd of the host's."""
+    try:
+        fd = os.open(f"{pid}/stat", os.O_RDONLY, dir_fd=host_proc)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return bool(int(stat.rsplit(b")", 1)[1].split()[6]) & PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _launcher(
+    child: int, launcher_pid: int, args, cgroup_bases: dict[str, str], host_proc: int
+) -> int:
+    """The parent outside the pid namespace: wait for the server, then clean its cgroups
+    (the backstop for a server that died without removing them, e.g. during start-up).
+
+    A killed server is the init of its pid namespace: it cannot be reaped before every
+    process of the namespace is gone, and a session kernel frozen between calls never goes
+    until it is thawed. So the launcher does not just wait: while the server is exiting it
+    kills and thaws what is left in its cgroups (``remove_all``), which lets it finish."""
     for fd in (args.request_fd, args.reply_fd):
         os.close(fd)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
+    try:
+        exit_fd = os.pidfd_open(child)  # readable once the server can be reaped
+    except (AttributeError, OSError):
+        exit_fd = None
+    status = 0
     while True:
         try:
-            _, status = os.waitpid(child, 0)
-            break
+            pid, status = os.waitpid(child, os.WNOHANG)
         except InterruptedError:
             continue
         except ChildProcessError:
             status = 0
             break
+        if pid:
+            break
+        if _is_exiting(host_proc, child):
+            isolation.CgroupManager.remove_all(launcher_pid, wait_s=0.2, bases=cgroup_bases)
+        with contextlib.suppress(InterruptedError):
+            if exit_fd is None:
+                time.sleep(0.2)
+            else:
+                select.select([exit_fd], [], [], 0.2)
     time.sleep(0.01)
-    isolation.CgroupManager.remove_all(launcher_pid)
+    isolation.CgroupManager.remove_all(launcher_pid, bases=cgroup_bases)
     return os.waitstatus_to_exitcode(status) if status else 0
 
 

@@ -270,6 +270,40 @@ def test_servers_die_with_their_host_process(tmp_path):
     assert cgroups_of_servers(launchers) == []
 
 
+def test_the_launcher_removes_the_cgroups_of_a_server_that_died_with_its_host(tmp_path):
+    # A server killed before it could clean up (e.g. while starting, when its host died)
+    # leaves its slot cgroups to the launcher, whose /proc is the server's pid namespace's.
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from sandbox import LocalSandbox
+        from sandbox.audit import cgroups_of_servers
+        sb = LocalSandbox(workers=1).start()
+        with sb.session() as s:
+            s.run("x = 1")
+            launcher = sb.launcher_pids[0]
+            print(launcher, len(cgroups_of_servers([launcher])), flush=True)
+            with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+                server = int(f.read().split()[0])
+            os.kill(server, signal.SIGKILL)  # no shutdown of its own
+            os._exit(0)  # and no clean-up by the host
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    launcher, made = (int(v) for v in out.stdout.split())
+    assert made > 0, "the server had slot cgroups"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        os.path.exists(f"/proc/{launcher}") or cgroups_of_servers([launcher])
+    ):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{launcher}")
+    assert cgroups_of_servers([launcher]) == []
+    assert processes_of_servers([launcher]) == []
+
+
 def test_two_sandboxes_at_once_use_distinct_slots(sb):
     with LocalSandbox(workers=1) as other:
         assert set(other.launcher_pids).isdisjoint(sb.launcher_pids)

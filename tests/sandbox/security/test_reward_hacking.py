@@ -338,6 +338,27 @@ def test_only_the_allow_list_exists(sb):
     assert r.stdout == "[]\n[]\n", r.stdout
 
 
+def test_no_inherited_descriptor_opens_a_directory(sb):
+    # A directory fd from outside the root (the launcher keeps one of the host's /proc) would
+    # let openat() walk around the allow list: kernels hold only their pipes and /dev/null.
+    code = """
+        import os, stat
+        dirs = []
+        for fd in range(4096):
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                dirs.append(fd)
+        print(dirs)
+        """
+    assert run(sb, code).stdout == "[]\n"
+    with sb.session() as session:
+        r = session.run(textwrap.dedent(code))
+        assert (r.status, r.stdout) == ("ok", "[]\n"), r
+
+
 def test_the_base_interpreters_site_packages_are_filtered_too(sb):
     import sysconfig
 
