@@ -90,17 +90,7 @@ def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
     # 3. one figure per swept key: envelope width against the knob, one line per preset/variant
     keys = sorted({k for row in summary.values() for k in (row["sweep"] or {})})
     for key in keys:
-        lines: dict[str, list[tuple[Any, float]]] = defaultdict(list)
-        for row in summary.values():
-            width = row["envelope"]["mean"]
-            if width is None or key not in row["sweep"]:
-                continue
-            others = {k: v for k, v in row["sweep"].items() if k != key}
-            name = "-".join(
-                [row["preset"], *([row["variant"]] if row["variant"] else [])]
-                + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(others.items())]
-            )
-            lines[name].append((row["sweep"][key], width))
+        lines = knob_lines(summary, key)
         if not lines:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -122,3 +112,24 @@ def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def knob_lines(summary: dict[str, dict[str, Any]], key: str) -> dict[str, list[tuple[Any, float]]]:
+    """Points (knob value, envelope width) per line of ``knob_<key>.png``: one line per
+    preset/variant/other swept values. A configuration that did not sweep ``key`` joins the
+    line it belongs to at the value it ran with (``base_values``), but never starts a line."""
+    swept: dict[str, list[tuple[Any, float]]] = defaultdict(list)
+    unswept: dict[str, list[tuple[Any, float]]] = defaultdict(list)
+    for row in summary.values():
+        width = row["envelope"]["mean"]
+        sweep = row["sweep"] or {}
+        value = sweep[key] if key in sweep else (row.get("base_values") or {}).get(key)
+        if width is None or value is None:
+            continue
+        others = {k: v for k, v in sweep.items() if k != key}
+        name = "-".join(
+            [row["preset"], *([row["variant"]] if row["variant"] else [])]
+            + [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(others.items())]
+        )
+        (swept if key in sweep else unswept)[name].append((value, width))
+    return {name: pts + unswept.get(name, []) for name, pts in swept.items()}

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from alp_agents.common import read_jsonl
 from alp_agents.reporting.runlog import METRICS_FILE, read_metrics
 from alp_agents.study.aggregate import (
@@ -25,6 +27,7 @@ from alp_agents.study.aggregate import (
     mean_over_second_half,
     seed_interval,
 )
+from alp_agents.trainer.checkpoint import CONFIG_FILE
 
 __all__ = ["cell_summary", "build_report", "write_report"]
 
@@ -152,6 +155,7 @@ def summarise_groups(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
             "preset": first.get("preset"),
             "variant": first.get("variant"),
             "sweep": first.get("sweep") or {},
+            "base_values": first.get("base_values") or {},
             "seeds": sorted(c["seed"] for c in members),
             "diverged": sum(c["status"] == "diverged" for c in members),
             "heldout": heldout.as_dict(),
@@ -164,6 +168,31 @@ def summarise_groups(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
+def config_value(cell_dir: Path, dotted_key: str) -> Any:
+    """The value of ``dotted_key`` (``algorithm.mini_batches``) in a cell's resolved
+    ``config.yaml``; None when the file or the key is missing."""
+    path = cell_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    node: Any = yaml.safe_load(path.read_text())
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def add_base_values(cells: Sequence[dict[str, Any]], cell_dirs: Sequence[Path]) -> None:
+    """Give every cell that did not sweep a key some other cell swept the value it ran with
+    (``base_values``), so the base configuration's cells sit on the knob curves: with
+    ``--sweep algorithm.mini_batches=1,2,8`` on a base config of 4, the K = 4 point is the
+    plain cells, not a rerun of them."""
+    swept = sorted({k for cell in cells for k in (cell.get("sweep") or {})})
+    for cell, cell_dir in zip(cells, cell_dirs, strict=True):
+        missing = [k for k in swept if k not in (cell.get("sweep") or {})]
+        cell["base_values"] = {k: config_value(cell_dir, k) for k in missing}
+
+
 def build_report(study_dir: Path) -> dict[str, Any]:
     """The content of ``study.json`` for ``study_dir``."""
     study_dir = Path(study_dir)
@@ -171,6 +200,7 @@ def build_report(study_dir: Path) -> dict[str, Any]:
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     cell_dirs = sorted(p for p in (study_dir / CELLS_DIR).glob("*") if p.is_dir())
     cells = [cell_summary(d) for d in cell_dirs]
+    add_base_values(cells, cell_dirs)
     return {"spec": spec, "cells": cells, "summary": summarise_groups(cells)}
 
 

@@ -125,3 +125,38 @@ def test_cell_summary_reads_non_finite_metrics_written_by_the_run_log(tmp_path):
     # second half = steps 3 and 4; inf is kept (finite-or-not is not nan), nan is skipped
     assert out["clip_total"] == math.inf
     assert out["envelope_width"] == pytest.approx(2.0)
+
+
+def test_the_base_configuration_joins_the_knob_curve_at_the_value_it_ran_with(tmp_path):
+    """--sweep algorithm.mini_batches=1,8 on a base config of 4: the K = 4 point of each
+    preset's line is its plain cells (read from their config.yaml), not a rerun; a variant
+    that never swept the key does not become a one-point line."""
+    from alp_agents.study.figures import knob_lines
+    from alp_agents.study.report import add_base_values
+
+    def cell(group, preset, width, sweep=None, variant=None):
+        c = _cell(group, 0, {"a": 1.0}, width)
+        c.update(preset=preset, sweep=sweep or {}, variant=variant)
+        return c
+
+    cells = [
+        cell("alp", "alp", 4.0),
+        cell("alp-early", "alp", 9.0, variant="early"),
+        cell("alp-mini_batches=1", "alp", 1.0, {"algorithm.mini_batches": 1}),
+        cell("alp-mini_batches=8", "alp", 8.0, {"algorithm.mini_batches": 8}),
+        cell("bypass-mini_batches=1", "bypass", 2.0, {"algorithm.mini_batches": 1}),
+        cell("bypass", "bypass", 3.0),
+    ]
+    dirs = []
+    for c in cells:
+        d = tmp_path / c["id"]
+        d.mkdir()
+        (d / "config.yaml").write_text("algorithm:\n  mini_batches: 4\n  lr: 1.0e-5\n")
+        dirs.append(d)
+    add_base_values(cells, dirs)
+    assert cells[0]["base_values"] == {"algorithm.mini_batches": 4}
+    assert cells[2]["base_values"] == {}  # it swept the key itself
+    lines = knob_lines(summarise_groups(cells), "algorithm.mini_batches")
+    assert sorted(lines) == ["alp", "bypass"]
+    assert sorted(lines["alp"]) == [(1, 1.0), (4, 4.0), (8, 8.0)]
+    assert sorted(lines["bypass"]) == [(1, 2.0), (4, 3.0)]
