@@ -37,7 +37,8 @@ def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
         groups[c.get("group") or c["id"].rsplit("-s", 1)[0]].append(c)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # 20 distinct colours: a grid easily has more configurations than the default cycle's 10
+    colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     written = []
 
     # 1. P2-P98 envelope of the sequence log-ratio, every configuration overlaid
@@ -60,11 +61,16 @@ def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("sequence log-ratio (P2 and P98)")
     ax.set_title("Ratio envelope per configuration (line: mean over seeds; band: each seed)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1 + len(groups) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(out_dir / "envelope.png", dpi=110)
+    fig.savefig(out_dir / "envelope.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append("envelope.png")
+
+    # 1b. the same, one panel per configuration (shared axes), with Bypass's mean envelope in
+    # grey in every panel when the study has it: readable where the overlay has too many lines
+    if len(groups) > 1:
+        written.append(_envelope_panels(plt, groups, out_dir))
 
     # 2. held-out score with intervals
     summary = report["summary"]
@@ -133,3 +139,44 @@ def knob_lines(summary: dict[str, dict[str, Any]], key: str) -> dict[str, list[t
         )
         (swept if key in sweep else unswept)[name].append((value, width))
     return {name: pts + unswept.get(name, []) for name, pts in swept.items()}
+
+
+def _envelope_panels(plt: Any, groups: dict[str, list[dict[str, Any]]], out_dir: Path) -> str:
+    """``envelope_panels.png``: small multiples of the envelope figure."""
+    ncols = min(4, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows), sharex=True, sharey=True, squeeze=False
+    )
+    reference = groups.get("bypass")
+    for ax, (group, members) in zip(axes.flat, sorted(groups.items()), strict=False):
+        if reference and group != "bypass":
+            envs = [c["envelope"] for c in reference]
+            for key in ("p02", "p98"):
+                steps, values = _mean_by_step(envs, key)
+                ax.plot(steps, values, color="0.6", linewidth=1)
+        for c in members:
+            steps = [r["step"] for r in c["envelope"]]
+            ax.fill_between(
+                steps, [r["p02"] for r in c["envelope"]], [r["p98"] for r in c["envelope"]],
+                color="tab:blue", alpha=0.15, linewidth=0,
+            )  # fmt: skip
+        envs = [c["envelope"] for c in members]
+        for key in ("p02", "p98"):
+            steps, values = _mean_by_step(envs, key)
+            ax.plot(steps, values, color="tab:blue")
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(f"{group} ({len(members)} seed{'s' if len(members) > 1 else ''})", fontsize=9)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    note = "; grey: bypass" if reference else ""
+    fig.suptitle(
+        f"Sequence log-ratio P2/P98 per configuration (blue: mean over seeds, band: each seed{note})",
+        fontsize=10,
+    )
+    fig.supxlabel("step", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "envelope_panels.png", dpi=100)
+    plt.close(fig)
+    return "envelope_panels.png"

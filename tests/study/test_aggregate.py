@@ -160,3 +160,22 @@ def test_the_base_configuration_joins_the_knob_curve_at_the_value_it_ran_with(tm
     assert sorted(lines) == ["alp", "bypass"]
     assert sorted(lines["alp"]) == [(1, 1.0), (4, 4.0), (8, 8.0)]
     assert sorted(lines["bypass"]) == [(1, 2.0), (4, 3.0)]
+
+
+def test_the_envelope_panels_have_one_panel_per_configuration(tmp_path):
+    import struct
+
+    from alp_agents.study.figures import plot_study
+
+    envelope = [{"step": s, "p02": -float(s), "p98": 0.5 * s} for s in (1, 2, 3)]
+    cells = []
+    for group in ("alp", "bypass", "grpo", "gspo", "tis"):
+        c = _cell(group, 0, {"a": 1.0}, 2.0)
+        c["envelope"] = envelope
+        cells.append(c)
+    written = plot_study({"cells": cells, "summary": summarise_groups(cells)}, tmp_path)
+    assert {"envelope.png", "envelope_panels.png", "heldout.png"} <= set(written)
+    header = (tmp_path / "envelope_panels.png").read_bytes()[:24]
+    width, height = struct.unpack(">II", header[16:24])
+    # 5 configurations: 4 columns x 2 rows of 3.2 x 2.4 inches at 100 dpi
+    assert (width, height) == (1280, 480)
