@@ -1114,7 +1114,6 @@ def _launcher(
         except InterruptedError:
             continue
         except ChildProcessError:
-            status = 0
             break
         if pid:
             break

@@ -24,6 +24,23 @@ def _mean_by_step(envelopes: list[list[dict[str, Any]]], key: str) -> tuple[list
     return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
 
 
+def _draw_envelope(
+    ax: Any, members: list[dict[str, Any]], color: Any, band_alpha: float, label: str | None = None
+) -> None:
+    """One configuration's envelope: a light P2-P98 band per seed, the mean over seeds as lines."""
+    for c in members:
+        steps = [r["step"] for r in c["envelope"]]
+        ax.fill_between(
+            steps, [r["p02"] for r in c["envelope"]], [r["p98"] for r in c["envelope"]],
+            color=color, alpha=band_alpha, linewidth=0,
+        )  # fmt: skip
+    envs = [c["envelope"] for c in members]
+    steps, low = _mean_by_step(envs, "p02")
+    _, high = _mean_by_step(envs, "p98")
+    ax.plot(steps, low, color=color, label=label)
+    ax.plot(steps, high, color=color)
+
+
 def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
     """Write the PNGs; returns their names relative to ``out_dir``."""
     import matplotlib
@@ -44,18 +61,7 @@ def plot_study(report: dict[str, Any], out_dir: Path) -> list[str]:
     # 1. P2-P98 envelope of the sequence log-ratio, every configuration overlaid
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (group, members) in enumerate(sorted(groups.items())):
-        color = colors[i % len(colors)]
-        for c in members:  # light: each seed
-            steps = [r["step"] for r in c["envelope"]]
-            ax.fill_between(
-                steps, [r["p02"] for r in c["envelope"]], [r["p98"] for r in c["envelope"]],
-                color=color, alpha=0.08, linewidth=0,
-            )  # fmt: skip
-        envs = [c["envelope"] for c in members]
-        steps, low = _mean_by_step(envs, "p02")
-        _, high = _mean_by_step(envs, "p98")
-        ax.plot(steps, low, color=color, label=group)
-        ax.plot(steps, high, color=color)
+        _draw_envelope(ax, members, colors[i % len(colors)], band_alpha=0.08, label=group)
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("step")
@@ -155,16 +161,7 @@ def _envelope_panels(plt: Any, groups: dict[str, list[dict[str, Any]]], out_dir:
             for key in ("p02", "p98"):
                 steps, values = _mean_by_step(envs, key)
                 ax.plot(steps, values, color="0.6", linewidth=1)
-        for c in members:
-            steps = [r["step"] for r in c["envelope"]]
-            ax.fill_between(
-                steps, [r["p02"] for r in c["envelope"]], [r["p98"] for r in c["envelope"]],
-                color="tab:blue", alpha=0.15, linewidth=0,
-            )  # fmt: skip
-        envs = [c["envelope"] for c in members]
-        for key in ("p02", "p98"):
-            steps, values = _mean_by_step(envs, key)
-            ax.plot(steps, values, color="tab:blue")
+        _draw_envelope(ax, members, "tab:blue", band_alpha=0.15)
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"{group} ({len(members)} seed{'s' if len(members) > 1 else ''})", fontsize=9)

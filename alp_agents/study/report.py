@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import OmegaConf
 
 from alp_agents.common import read_jsonl
 from alp_agents.reporting.runlog import METRICS_FILE, read_metrics
@@ -174,12 +174,7 @@ def config_value(cell_dir: Path, dotted_key: str) -> Any:
     path = cell_dir / CONFIG_FILE
     if not path.exists():
         return None
-    node: Any = yaml.safe_load(path.read_text())
-    for part in dotted_key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return OmegaConf.select(OmegaConf.load(path), dotted_key)
 
 
 def add_base_values(cells: Sequence[dict[str, Any]], cell_dirs: Sequence[Path]) -> None:
