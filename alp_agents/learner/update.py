@@ -135,6 +135,14 @@ class UpdateBatch:
     score_from: torch.Tensor
     token_lag: torch.Tensor | None = None
 
+    def move_to(self, device: torch.device | str) -> None:
+        """Put every tensor on ``device``, in place: collation builds the batch on the CPU, and
+        the model may be on a GPU (no copy where a tensor is there already)."""
+        self.tensors = {key: value.to(device) for key, value in self.tensors.items()}
+        self.score_from = self.score_from.to(device)
+        if self.token_lag is not None:
+            self.token_lag = self.token_lag.to(device)
+
 
 @dataclass
 class UpdateResult:
@@ -275,6 +283,7 @@ class PolicyUpdate:
         """
         from alp_agents.learner.objectives import final_loss_mask
 
+        batch.move_to(next(self.model.parameters()).device)
         t = batch.tensors
         # pi_old for every preset: the denominator of GRPO-style ratios, the rejection rules of
         # MIS-style ones, and for all of them the engine mismatch clean of noise and staleness.

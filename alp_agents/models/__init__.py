@@ -23,6 +23,7 @@ from alp_agents.models.loading import (
     make_lm_head_input_contiguous,
     model_name_problem,
     resolve_model_path,
+    set_activation_checkpointing,
 )
 from alp_agents.models.registry import (
     ModelFactory,
@@ -66,6 +67,7 @@ __all__ = [
     "register_tiny_models",
     "registered_models",
     "resolve_model_path",
+    "set_activation_checkpointing",
     "tiny_llama",
     "unregister_model_factory",
 ]

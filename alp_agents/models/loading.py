@@ -591,6 +591,16 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off across transformers versions: newer
+    releases call it ``activation_checkpointing_enable`` and warn that the older
+    ``gradient_checkpointing_enable`` goes in v6; releases before the rename (5.17, measured
+    on a GPU machine) have only the older name."""
+    new = "activation_checkpointing_" + ("enable" if enabled else "disable")
+    old = "gradient_checkpointing_" + ("enable" if enabled else "disable")
+    getattr(model, new if hasattr(model, new) else old)()
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **from_pretrained_kwargs: Any
 ) -> PreTrainedTokenizerBase:

@@ -65,7 +65,7 @@ from alp_agents.learner.update import (
     build_update_batch,
     noise_seed,
 )
-from alp_agents.models import make_lm_head_input_contiguous
+from alp_agents.models import make_lm_head_input_contiguous, set_activation_checkpointing
 from alp_agents.reporting.console import (
     format_summary,
     progress_bar,
@@ -224,7 +224,7 @@ class ALPTrainer:
         if model.config._attn_implementation != m.attn_implementation:
             model.set_attn_implementation(m.attn_implementation)
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            set_activation_checkpointing(model, True)
         model.train()
         return model, initial
 

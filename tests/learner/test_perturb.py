@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alp_agents.learner.logprobs import token_logprobs
 from alp_agents.learner.perturb import LayerwisePerturbation, find_decoder_layers
-from alp_agents.models import make_tiny_model
+from alp_agents.models import make_tiny_model, set_activation_checkpointing
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"]
 VOCAB = 512  # small vocabulary keeps these tests fast; the code path is the same
@@ -73,13 +73,13 @@ def test_perturbation_on_architecture(arch):
     model.train()
     lp, g_sigma, g_model = grads_of(model, pert, ids, mask)
     assert torch.all(g_sigma != 0) and torch.isfinite(g_sigma).all()
-    model.activation_checkpointing_enable()
+    set_activation_checkpointing(model, True)
     lp_ckpt, g_sigma_ckpt, g_model_ckpt = grads_of(model, pert, ids, mask)
     assert torch.equal(lp, lp_ckpt)
     assert torch.equal(g_sigma, g_sigma_ckpt)
     assert all(torch.equal(a, b) for a, b in zip(g_model, g_model_ckpt, strict=True))
     pert.remove()
-    model.activation_checkpointing_disable()
+    set_activation_checkpointing(model, False)
     model.eval()
     with torch.no_grad():
         after = model(ids, attention_mask=mask).logits

@@ -94,6 +94,9 @@ def launch(
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONFAULTHANDLER": "1",
+        # These runs check the CPU processes (gloo). On a machine with one GPU, two processes
+        # would both take it and NCCL refuses two ranks on one device.
+        "CUDA_VISIBLE_DEVICES": "",
     }
     proc = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False

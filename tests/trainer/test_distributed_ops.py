@@ -16,7 +16,9 @@ from alp_agents.trainer.distributed import DistributedOps, check_world
 def ops() -> DistributedOps:
     from accelerate import Accelerator
 
-    return DistributedOps(Accelerator(cpu=True, mixed_precision="no"))
+    # The trainer's own choice of device: accelerate keeps one state per process, and a test
+    # worker that ran a trainer on a GPU refuses a second state on the CPU.
+    return DistributedOps(Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no"))
 
 
 def test_one_process_has_rank_0_and_no_collective(ops):

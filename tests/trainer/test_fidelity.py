@@ -26,8 +26,10 @@ def test_rows_of_one_prompt_get_independent_noise(tmp_path, problem_files, token
     trainer = make_trainer(tiny_config(tmp_path, problem_files), tokenizer)
     assert trainer.cfg.algorithm.share_prefixes
     row = [1, 5, 9, 11, 13, 17, 19, 23]
+    dev = trainer.device  # numerator_logprobs takes the batch where the model is
     sub = {"input_ids": torch.tensor([row, row]), "attention_mask": torch.ones(2, len(row))}
-    score_from = torch.tensor([4, 4])
+    sub = {k: v.to(dev) for k, v in sub.items()}
+    score_from = torch.tensor([4, 4], device=dev)
     with torch.no_grad(), trainer.perturbation.active(seed=3):
         lp, _ = trainer.update.numerator_logprobs(sub, score_from)
     assert (lp[0, 4:] != lp[1, 4:]).all(), lp[:, 4:]
@@ -46,15 +48,16 @@ def test_sigma_learns_only_from_the_policy_loss(tmp_path, problem_files, tokeniz
     cfg.algorithm.setting = "single_turn"
     trainer = make_trainer(cfg, tokenizer)
     assert trainer.loss_cfg.kl_coef > 0
-    ids = torch.tensor([[1, 5, 9, 11, 13, 17], [1, 5, 9, 2, 3, 4]])
+    dev = trainer.device  # numerator_logprobs takes the batch where the model is
+    ids = torch.tensor([[1, 5, 9, 11, 13, 17], [1, 5, 9, 2, 3, 4]], device=dev)
     sub = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    mask = torch.zeros(2, 6)
+    mask = torch.zeros(2, 6, device=dev)
     mask[:, 3:] = 1
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer.perturbation.active(seed=5):
-        lp, _ = trainer.update.numerator_logprobs(sub, torch.tensor([3, 3]))
+        lp, _ = trainer.update.numerator_logprobs(sub, torch.tensor([3, 3], device=dev))
         terms = policy_loss_terms(
-            lp, lp.detach(), torch.zeros(2), mask, trainer.loss_cfg,
+            lp, lp.detach(), torch.zeros(2, device=dev), mask, trainer.loss_cfg,
             old_logprobs=lp.detach(), ref_logprobs=lp.detach() - 0.3,
         )  # fmt: skip
         trainer.update.backward(terms)
