@@ -464,6 +464,10 @@ class PolicyUpdate:
                     sums["update/skipped"] += 1
                     continue
                 self.nonfinite.in_row = 0
+                if not bool(t["advantages"][rows_mb].any()):
+                    # No reward signal. A KL or entropy term still has a gradient here, and
+                    # AdamW turns even a small one into a step of about lr per parameter.
+                    sums["update/no_advantage"] += 1
                 if grad_norm == 0.0:
                     # No learning signal in this mini-batch. AdamW would still step along its
                     # momentum (measured in the CPU study: rewards fell from 1.0 to 0.0 over
@@ -486,6 +490,7 @@ class PolicyUpdate:
             "update/steps": float(sums["update/steps"]),
             "update/skipped": float(sums["update/skipped"]),
             "update/signal_free": float(sums["update/signal_free"]),
+            "update/no_advantage": float(sums["update/no_advantage"]),
             "update/grad_norm": sums["update/grad_norm"] / done,
             "update/loss": sums["update/loss"] / done,
             "update/lr": float(self.scheduler.get_last_lr()[0]),

@@ -70,9 +70,11 @@ def batch_of_two_groups():
     return build_update_batch(trajs, pad_token_id=2, scale_by_std=True, eps=1e-6)
 
 
-def make_update(preset: str = "bypass", mini_batches: int = 2, **settings) -> PolicyUpdate:
+def make_update(
+    preset: str = "bypass", mini_batches: int = 2, setting: str = "multi_turn", **settings
+) -> PolicyUpdate:
     model = make_tiny_model("llama", seed=0).train()
-    loss_cfg = PolicyLossConfig.preset(preset)
+    loss_cfg = PolicyLossConfig.preset(preset, setting=setting)
     optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "name": "model"}], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
     return PolicyUpdate(
@@ -82,6 +84,7 @@ def make_update(preset: str = "bypass", mini_batches: int = 2, **settings) -> Po
         loss_cfg=loss_cfg,
         settings=UpdateSettings(seed=0, mini_batches=mini_batches, micro_batch_size=1, **settings),
         collectives=OneProcess(),
+        ref_model=make_tiny_model("llama", seed=0).eval() if loss_cfg.kl_coef > 0 else None,
     )
 
 
@@ -198,9 +201,27 @@ def test_signal_free_mini_batches_are_counted_and_optionally_skipped(skip):
     before = [p.detach().clone() for p in update.model.parameters()]
     result = update.run(_signal_free_batch(), step=1)
     assert result.metrics["update/signal_free"] == 2.0
+    assert (first.metrics["update/no_advantage"], result.metrics["update/no_advantage"]) == (0, 2)
     assert result.metrics["update/grad_norm"] == 0.0
     moved = any(
         not torch.equal(a, b) for a, b in zip(before, update.model.parameters(), strict=True)
     )
     assert moved is not skip
     assert result.steps == (0 if skip else 2)
+
+
+def test_a_kl_term_steps_mini_batches_without_reward_signal_even_when_skipping():
+    """With the single-turn KL, a mini-batch whose every advantage is 0 has the KL's gradient
+    (not 0 once the policy moved from the reference), so skip_signal_free_steps does not skip
+    it; update/no_advantage counts it. In the CPU study most optimiser steps were such steps."""
+    update = make_update(mini_batches=2, setting="single_turn", skip_signal_free_steps=True)
+    assert update.loss_cfg.kl_coef > 0
+    update.run(batch_of_two_groups()[0], step=0)  # the policy leaves the reference
+    before = [p.detach().clone() for p in update.model.parameters()]
+    result = update.run(_signal_free_batch(), step=1)
+    assert result.metrics["update/no_advantage"] == 2.0
+    assert result.metrics["update/signal_free"] == 0.0
+    assert result.steps == 2 and result.metrics["update/grad_norm"] > 0
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, update.model.parameters(), strict=True)
+    )
