@@ -566,16 +566,12 @@ def _engine_choice(choice: str) -> str:
 def _make_engine(cfg: EvalConfig) -> tuple[Any, Any]:
     """HFEngine (on the GPU when one is visible, as the trainer's); VLLMEngine when asked for,
     or for ``auto`` when CUDA and vllm exist."""
-    import torch
-
     from alp_agents.models import load_tokenizer
     from alp_agents.rollout.engines import build_engine, describe_engine
 
     kind = _engine_choice(cfg.engine)
     tokenizer = load_tokenizer(cfg.model)
     extra = {"max_batch_size": cfg.batch_size} if kind == "hf" else {}
-    if kind == "hf":
-        extra["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     engine = build_engine(kind, cfg.model, tokenizer, dtype=cfg.dtype, seed=cfg.seed, **extra)
     _say(f"engine: {describe_engine(engine)} for {cfg.model}")
     return engine, tokenizer

@@ -283,7 +283,7 @@ class PolicyUpdate:
         """
         from alp_agents.learner.objectives import final_loss_mask
 
-        batch.move_to(next(self.model.parameters()).device)
+        batch.move_to(self.collectives.device)
         t = batch.tensors
         # pi_old for every preset: the denominator of GRPO-style ratios, the rejection rules of
         # MIS-style ones, and for all of them the engine mismatch clean of noise and staleness.

@@ -54,7 +54,7 @@ def build_engine(
     tokenizer: Any,
     *,
     dtype: str = "auto",
-    device: Any = "cpu",
+    device: Any = None,
     training: bool = False,
     seed: int = 0,
     model_name: str | os.PathLike[str] | None = None,
@@ -66,7 +66,8 @@ def build_engine(
         model: what HFEngine copies its weights from (a module or a model name / folder).
         tokenizer: the policy's tokenizer.
         dtype: ``auto`` or a torch dtype name (see the module docstring).
-        device: HFEngine's device.
+        device: HFEngine's device; None: the GPU when one is visible (as the trainer's
+            accelerator picks), else the CPU.
         training: the trainer's engine (``auto`` then keeps bf16-rounded weights on CPUs
             without native bf16, so the mismatch ALP corrects is still there).
         seed: vLLM's base seed.
@@ -83,8 +84,12 @@ def build_engine(
         if not isinstance(name, str | os.PathLike):
             raise EngineUnavailableError("VLLMEngine loads weights by name: pass model_name")
         return VLLMEngine(name, tokenizer, dtype=dtype, seed=seed, **engine_kwargs)
+    import torch
+
     from alp_agents.models.precision import resolve_engine_precision
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_dtype, round_to = resolve_engine_precision(dtype, device, training=training)
     kwargs = {"device": device, "round_weights_to": round_to, **engine_kwargs}
     return HFEngine(model, tokenizer, dtype=hf_dtype, **kwargs)
