@@ -9,6 +9,12 @@ Two quantities carry the paper's claims:
 * the envelope width of the sequence log-ratio, ``P98 - P2`` per step, averaged over the second
   half of the steps (where staleness has had time to act); over seeds, its mean and a bootstrap
   interval over seeds.
+
+Cells of the same seed are paired: they start from the same weights, draw their first batch and
+their sampling stream from the same seed, and are scored on the same held-out problems. The
+difference of two configurations is therefore also reported paired (``paired_differences``: per
+shared seed, per shared problem), which removes the seed-to-seed and problem-to-problem spread
+the two unpaired intervals each carry.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ __all__ = [
     "hierarchical_bootstrap",
     "mean_over_second_half",
     "envelope_width",
+    "paired_differences",
     "seed_interval",
 ]
 
@@ -91,6 +98,27 @@ def hierarchical_bootstrap(
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1.0 - alpha])
     return Interval(mean, float(low), float(high))
+
+
+def paired_differences(
+    scores: Mapping[int, Mapping[str, float]], reference: Mapping[int, Mapping[str, float]]
+) -> dict[int, list[float]]:
+    """Per seed both configurations ran, ``score - reference`` on each problem both scored.
+
+    ``scores[seed][problem]`` is a problem's held-out score in one configuration's run of that
+    seed. ``hierarchical_bootstrap(list(result.values()))`` is then the paired two-level
+    bootstrap of the mean difference: it resamples seeds and problems once for both runs.
+
+    >>> paired_differences({0: {"a": 1.0, "b": 0.5}, 1: {"a": 0.0}},
+    ...                    {0: {"a": 0.5, "b": 0.5, "c": 1.0}, 2: {"a": 1.0}})
+    {0: [0.5, 0.0]}
+    """
+    out = {}
+    for seed in sorted(set(scores) & set(reference)):
+        problems = sorted(set(scores[seed]) & set(reference[seed]))
+        if problems:
+            out[seed] = [scores[seed][p] - reference[seed][p] for p in problems]
+    return out
 
 
 def seed_interval(

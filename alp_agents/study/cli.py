@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="the study directory (cells/, study.md, ...)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="only (re)build the report of the study in DIR")  # fmt: skip
+    p.add_argument("--reference", metavar="CONFIGURATION", default="alp",
+                   help="the report's paired differences are taken against this configuration "
+                   "(a preset or preset-variant name; default alp)")  # fmt: skip
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that crashed")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished cell's checkpoints (default: deleted, ~1.6 GB each)")  # fmt: skip
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report is not None:
         from alp_agents.study.report import write_report
 
-        print(write_report(args.report))
+        print(write_report(args.report, reference=args.reference))
         return 0
     if args.output is None and not args.dry_run:
         parser.error("--output DIR is required (where the cells and the report go)")
@@ -116,7 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from alp_agents.study.runner import run_study
 
-        md = run_study(spec, base, args.output, args.retry_failed, args.keep_checkpoints, command)
+        md = run_study(
+            spec,
+            base,
+            args.output,
+            args.retry_failed,
+            args.keep_checkpoints,
+            command,
+            reference=args.reference,
+        )
     except ConfigError as exc:
         print(f"study.py: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from alp_agents.study.aggregate import (
     envelope_width,
     hierarchical_bootstrap,
     mean_over_second_half,
+    paired_differences,
     seed_interval,
 )
 from alp_agents.trainer.checkpoint import CONFIG_FILE
@@ -35,6 +36,8 @@ CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
 HELDOUT_FILE = "heldout.jsonl"
 HELDOUT_LABEL = "after"
+# The configuration every other one is compared with, paired by seed, when the study has it.
+DEFAULT_REFERENCE = "alp"
 
 # (column, metrics.jsonl key, how to reduce the per-step series)
 SERIES_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -168,6 +171,34 @@ def summarise_groups(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
+def paired_with(cells: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Per configuration: its held-out score minus ``reference``'s, paired by seed and problem.
+
+    Only finished (``done``) cells of seeds both configurations ran count. ``difference`` is
+    the mean difference with the paired two-level bootstrap interval; ``per_seed`` the mean
+    difference of each shared seed. Empty when the study has no ``reference`` configuration.
+    """
+    by_group: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+    for cell in cells:
+        if cell["status"] == "done" and cell["heldout_per_problem"]:
+            by_group[_group_key(cell)][cell["seed"]] = cell["heldout_per_problem"]
+    if reference not in by_group:
+        return {}
+    out = {}
+    for group, scores in by_group.items():
+        if group == reference:
+            continue
+        diffs = paired_differences(scores, by_group[reference])
+        if not diffs:
+            continue
+        out[group] = {
+            "seeds": sorted(diffs),
+            "difference": hierarchical_bootstrap(list(diffs.values())).as_dict(),
+            "per_seed": {seed: sum(d) / len(d) for seed, d in diffs.items()},
+        }
+    return out
+
+
 def config_value(cell_dir: Path, dotted_key: str) -> Any:
     """The value of ``dotted_key`` (``algorithm.mini_batches``) in a cell's resolved
     ``config.yaml``; None when the file or the key is missing."""
@@ -188,15 +219,21 @@ def add_base_values(cells: Sequence[dict[str, Any]], cell_dirs: Sequence[Path]) 
         cell["base_values"] = {k: config_value(cell_dir, k) for k in missing}
 
 
-def build_report(study_dir: Path) -> dict[str, Any]:
-    """The content of ``study.json`` for ``study_dir``."""
+def build_report(study_dir: Path, reference: str = DEFAULT_REFERENCE) -> dict[str, Any]:
+    """The content of ``study.json`` for ``study_dir``; ``reference`` is the configuration the
+    paired differences are taken against."""
     study_dir = Path(study_dir)
     spec_path = study_dir / "study_spec.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     cell_dirs = sorted(p for p in (study_dir / CELLS_DIR).glob("*") if p.is_dir())
     cells = [cell_summary(d) for d in cell_dirs]
     add_base_values(cells, cell_dirs)
-    return {"spec": spec, "cells": cells, "summary": summarise_groups(cells)}
+    return {
+        "spec": spec,
+        "cells": cells,
+        "summary": summarise_groups(cells),
+        "paired": {"reference": reference, "rows": paired_with(cells, reference)},
+    }
 
 
 def _fmt(d: dict[str, Any] | None, digits: int = 3) -> str:
@@ -248,6 +285,7 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
             f"| {_fmt(row['mismatch_k3'], 4)} | {_fmt(row['clip_total'])} | {_fmt(row['ess'])} "
             f"| {_fmt(row['sigma'], 4)} | {_fmt(row['noise_logprob_change'], 4)} | {row['diverged']} |"
         )
+    lines += _paired_section(report.get("paired") or {})
     lines += [
         "",
         "## Cells",
@@ -266,6 +304,42 @@ def render_markdown(report: dict[str, Any], command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired_section(paired: dict[str, Any]) -> list[str]:
+    rows, reference = paired.get("rows") or {}, paired.get("reference")
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Paired with `{reference}`",
+        "",
+        f"Held-out score minus `{reference}`'s, on the seeds both ran and the same problems: the"
+        " mean difference with a 95% paired two-level bootstrap interval (seeds, then problems,"
+        " drawn once for both runs), and the difference at each shared seed. Cells of one seed"
+        " share their first batch and sampling stream, so pairing removes the spread between"
+        " seeds that the unpaired intervals above carry.",
+        "",
+        f"| configuration | shared seeds | minus `{reference}` | per seed |",
+        "|---|---|---|---|",
+    ]
+    order = sorted(rows, key=lambda g: -(rows[g]["difference"]["mean"] or 0.0))
+    for group in order:
+        row = rows[group]
+        per_seed = ", ".join(f"s{seed} {d:+.3f}" for seed, d in row["per_seed"].items())
+        lines.append(
+            f"| `{group}` | {len(row['seeds'])} | {_fmt_signed(row['difference'])} | {per_seed} |"
+        )
+    return lines
+
+
+def _fmt_signed(d: dict[str, Any]) -> str:
+    if d.get("mean") is None:
+        return "-"
+    text = f"{d['mean']:+.3f}"
+    if d.get("low") is not None:
+        text += f" [{d['low']:+.3f}, {d['high']:+.3f}]"
+    return text
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
@@ -276,12 +350,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report(study_dir: Path, command: str | None = None, figures: bool = True) -> Path:
+def write_report(
+    study_dir: Path,
+    command: str | None = None,
+    figures: bool = True,
+    reference: str = DEFAULT_REFERENCE,
+) -> Path:
     """Write ``study.json``, ``study.md`` and the PNGs into ``study_dir``; returns study.md."""
     from alp_agents.study.figures import plot_study
 
     study_dir = Path(study_dir)
-    report = build_report(study_dir)
+    report = build_report(study_dir, reference)
     report["figures"] = plot_study(report, study_dir) if figures else []
     (study_dir / "study.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
     md = study_dir / "study.md"

@@ -178,9 +178,11 @@ def run_study(
     retry_failed: bool = False,
     keep_checkpoints: bool = False,
     command: str | None = None,
+    reference: str | None = None,
 ) -> Path:
-    """Run every cell not yet finished, then write the report; returns ``study.md``."""
-    from alp_agents.study.report import write_report
+    """Run every cell not yet finished, then write the report (paired differences against
+    ``reference``, default ``alp``); returns ``study.md``."""
+    from alp_agents.study.report import DEFAULT_REFERENCE, write_report
 
     output = Path(output)
     base = [Path(p) for p in base]
@@ -251,7 +253,7 @@ def run_study(
         bar.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return write_report(output, command=command)
+    return write_report(output, command=command, reference=reference or DEFAULT_REFERENCE)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

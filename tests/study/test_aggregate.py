@@ -10,9 +10,10 @@ from alp_agents.study.aggregate import (
     envelope_width,
     hierarchical_bootstrap,
     mean_over_second_half,
+    paired_differences,
     seed_interval,
 )
-from alp_agents.study.report import render_markdown, summarise_groups
+from alp_agents.study.report import paired_with, render_markdown, summarise_groups
 
 
 def test_bootstrap_of_one_seed_is_the_bootstrap_over_problems():
@@ -97,6 +98,51 @@ def test_groups_pool_seeds_and_count_diverged_runs():
     lines = [line for line in md.splitlines() if line.startswith("| 1 |")]
     assert "`alp`" in lines[0] and "0.750" in lines[0]  # ranked first by held-out score
     assert "1 unfinished" in md and "1 diverged" in md
+
+
+def test_paired_differences_match_seeds_and_problems():
+    """Only seeds both ran, only problems both scored, in problem order."""
+    a = {0: {"p1": 1.0, "p2": 0.5, "p3": 0.0}, 1: {"p1": 0.0}, 3: {"p9": 1.0}}
+    ref = {0: {"p2": 0.25, "p1": 0.5}, 1: {"p2": 1.0}, 2: {"p1": 1.0}}
+    assert paired_differences(a, ref) == {0: [0.5, 0.25]}  # seed 1 shares no problem
+    assert paired_differences(a, {}) == {}
+
+
+def test_pairing_removes_the_spread_two_unpaired_intervals_carry():
+    """x scores alp + 0.25 on every problem of every seed while the seeds and problems differ
+    a lot: x's own interval is wide, the paired difference has none. bypass differs from alp
+    by -1 on one problem of each seed: per seed -0.5, and a drawn seed's problem mean is
+    -1, -0.5 or 0, so its interval is [-1, 0]."""
+    alp = {0: {"a": 0.75, "b": 0.0}, 1: {"a": 0.25, "b": 0.5}}
+    cells = [_cell("alp", s, h, 1.0) for s, h in alp.items()]
+    cells += [_cell("x", s, {p: v + 0.25 for p, v in h.items()}, 1.0) for s, h in alp.items()]
+    cells += [
+        _cell("bypass", 0, {"a": -0.25, "b": 0.0}, 1.0),
+        _cell("bypass", 1, {"a": 0.25, "b": -0.5}, 1.0),
+        _cell("grpo", 2, {"a": 1.0, "b": 1.0}, 1.0),  # no seed in common with alp: not paired
+        _cell("gspo", 0, {}, float("nan"), status="diverged"),
+    ]
+    rows = paired_with(cells, "alp")
+    assert set(rows) == {"x", "bypass"}
+    assert rows["x"]["difference"] == {"mean": 0.25, "low": 0.25, "high": 0.25}
+    assert rows["x"]["per_seed"] == {0: 0.25, 1: 0.25} and rows["x"]["seeds"] == [0, 1]
+    unpaired = summarise_groups(cells)["x"]["heldout"]
+    assert unpaired["high"] - unpaired["low"] >= 0.5
+    assert rows["bypass"]["difference"] == pytest.approx(
+        {"mean": -0.5, "low": -1.0, "high": 0.0}
+    )
+    assert rows["bypass"]["per_seed"] == {0: -0.5, 1: -0.5}
+    assert paired_with(cells, "no-such-configuration") == {}
+
+    report = {"cells": cells, "summary": summarise_groups(cells), "spec": {}}
+    report["paired"] = {"reference": "alp", "rows": rows}
+    md = render_markdown(report)
+    assert "## Paired with `alp`" in md
+    x_line = next(line for line in md.splitlines() if line.startswith("| `x` | 2 |"))
+    assert "+0.250 [+0.250, +0.250]" in x_line and "s0 +0.250, s1 +0.250" in x_line
+    # without a reference configuration the section is left out
+    report["paired"] = {"reference": "alp", "rows": {}}
+    assert "Paired with" not in render_markdown(report)
 
 
 def test_cell_summary_reads_non_finite_metrics_written_by_the_run_log(tmp_path):
