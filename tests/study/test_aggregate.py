@@ -128,9 +128,7 @@ def test_pairing_removes_the_spread_two_unpaired_intervals_carry():
     assert rows["x"]["per_seed"] == {0: 0.25, 1: 0.25} and rows["x"]["seeds"] == [0, 1]
     unpaired = summarise_groups(cells)["x"]["heldout"]
     assert unpaired["high"] - unpaired["low"] >= 0.5
-    assert rows["bypass"]["difference"] == pytest.approx(
-        {"mean": -0.5, "low": -1.0, "high": 0.0}
-    )
+    assert rows["bypass"]["difference"] == pytest.approx({"mean": -0.5, "low": -1.0, "high": 0.0})
     assert rows["bypass"]["per_seed"] == {0: -0.5, 1: -0.5}
     assert paired_with(cells, "no-such-configuration") == {}
 
