@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="the study directory (cells/, study.md, ...)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="only (re)build the report of the study in DIR")  # fmt: skip
-    p.add_argument("--reference", metavar="CONFIGURATION", default="alp",
+    p.add_argument("--reference", metavar="CONFIGURATION",
                    help="the report's paired differences are taken against this configuration "
                    "(a preset or preset-variant name; default alp)")  # fmt: skip
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that crashed")

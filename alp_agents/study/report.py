@@ -219,10 +219,11 @@ def add_base_values(cells: Sequence[dict[str, Any]], cell_dirs: Sequence[Path]) 
         cell["base_values"] = {k: config_value(cell_dir, k) for k in missing}
 
 
-def build_report(study_dir: Path, reference: str = DEFAULT_REFERENCE) -> dict[str, Any]:
+def build_report(study_dir: Path, reference: str | None = None) -> dict[str, Any]:
     """The content of ``study.json`` for ``study_dir``; ``reference`` is the configuration the
-    paired differences are taken against."""
+    paired differences are taken against (None: ``DEFAULT_REFERENCE``)."""
     study_dir = Path(study_dir)
+    reference = reference or DEFAULT_REFERENCE
     spec_path = study_dir / "study_spec.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     cell_dirs = sorted(p for p in (study_dir / CELLS_DIR).glob("*") if p.is_dir())
@@ -236,12 +237,14 @@ def build_report(study_dir: Path, reference: str = DEFAULT_REFERENCE) -> dict[st
     }
 
 
-def _fmt(d: dict[str, Any] | None, digits: int = 3) -> str:
+def _fmt(d: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
+    """``mean [low, high]`` of an interval dict; ``signed`` prints ``+`` on positive values."""
     if not d or d.get("mean") is None:
         return "-"
-    text = f"{d['mean']:.{digits}f}"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    text = format(d["mean"], spec)
     if d.get("low") is not None:
-        text += f" [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+        text += f" [{format(d['low'], spec)}, {format(d['high'], spec)}]"
     return text
 
 
@@ -326,18 +329,10 @@ def _paired_section(paired: dict[str, Any]) -> list[str]:
         row = rows[group]
         per_seed = ", ".join(f"s{seed} {d:+.3f}" for seed, d in row["per_seed"].items())
         lines.append(
-            f"| `{group}` | {len(row['seeds'])} | {_fmt_signed(row['difference'])} | {per_seed} |"
+            f"| `{group}` | {len(row['seeds'])} | {_fmt(row['difference'], signed=True)} "
+            f"| {per_seed} |"
         )
     return lines
-
-
-def _fmt_signed(d: dict[str, Any]) -> str:
-    if d.get("mean") is None:
-        return "-"
-    text = f"{d['mean']:+.3f}"
-    if d.get("low") is not None:
-        text += f" [{d['low']:+.3f}, {d['high']:+.3f}]"
-    return text
 
 
 def _json_safe(value: Any) -> Any:
@@ -354,7 +349,7 @@ def write_report(
     study_dir: Path,
     command: str | None = None,
     figures: bool = True,
-    reference: str = DEFAULT_REFERENCE,
+    reference: str | None = None,
 ) -> Path:
     """Write ``study.json``, ``study.md`` and the PNGs into ``study_dir``; returns study.md."""
     from alp_agents.study.figures import plot_study

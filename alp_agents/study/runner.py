@@ -181,8 +181,8 @@ def run_study(
     reference: str | None = None,
 ) -> Path:
     """Run every cell not yet finished, then write the report (paired differences against
-    ``reference``, default ``alp``); returns ``study.md``."""
-    from alp_agents.study.report import DEFAULT_REFERENCE, write_report
+    ``reference``, None: the report's default, ``alp``); returns ``study.md``."""
+    from alp_agents.study.report import write_report
 
     output = Path(output)
     base = [Path(p) for p in base]
@@ -253,7 +253,7 @@ def run_study(
         bar.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return write_report(output, command=command, reference=reference or DEFAULT_REFERENCE)
+    return write_report(output, command=command, reference=reference)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
